@@ -1,0 +1,34 @@
+-- fleetmon's database. Applied at every start, so every statement must be safe to run
+-- again on an existing database.
+
+-- WAL lets GET stats read while a heartbeat is being written, and makes a commit one
+-- append to the log. The setting is stored in the database file.
+PRAGMA journal_mode = WAL;
+
+-- One row per minute in which a device sent at least one heartbeat. The primary key is
+-- what makes a retried heartbeat count once.
+CREATE TABLE IF NOT EXISTS heartbeat_minutes (
+    device_id TEXT    NOT NULL,
+    minute    INTEGER NOT NULL,  -- whole UTC minutes since 1970-01-01T00:00:00Z
+    PRIMARY KEY (device_id, minute)
+) WITHOUT ROWID;
+
+-- Every accepted upload report.
+CREATE TABLE IF NOT EXISTS uploads (
+    id             INTEGER PRIMARY KEY,
+    device_id      TEXT    NOT NULL,
+    sent_at        TEXT    NOT NULL,  -- RFC 3339, exactly as the device sent it
+    upload_time_ns INTEGER NOT NULL CHECK (upload_time_ns >= 0)
+);
+
+-- The aggregates GET stats reads, one row per known device, kept in step with the two
+-- tables above in the same transaction as each write. A row whose counts are both zero
+-- is a device that has sent nothing yet.
+CREATE TABLE IF NOT EXISTS device_stats (
+    device_id       TEXT PRIMARY KEY,
+    online_minutes  INTEGER NOT NULL DEFAULT 0,
+    first_minute    INTEGER,             -- NULL until the first heartbeat
+    last_minute     INTEGER,
+    upload_count    INTEGER NOT NULL DEFAULT 0,
+    upload_total_ns INTEGER NOT NULL DEFAULT 0  -- exact; the app refuses to overflow it
+) WITHOUT ROWID;

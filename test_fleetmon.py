@@ -1,0 +1,696 @@
+"""fleetmon's tests: the pure maths, every answer of the HTTP API, storage, and a real
+waitress server under concurrent load and kill -9.
+
+Run with ``python -m pytest``. ``FLEETMON_BENCHMARK=1 python -m pytest -k benchmark -s``
+runs the benchmark instead (see README.md, "Performance and limits").
+"""
+
+import http.client
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import waitress
+
+import fleetmon
+from fleetmon import (
+    INT64_MAX,
+    StartupError,
+    create_app,
+    format_duration,
+    load_device_ids,
+    mean_ns,
+    minute_to_rfc3339,
+    uptime_percent,
+    utc_minute,
+)
+
+HERE = Path(__file__).resolve().parent
+DEVICE = "60-6b-44-84-dc-64"
+OTHER_DEVICE = "b4-45-52-a2-f1-3c"
+
+# What the device simulator publishes for a day of telemetry: heartbeats sent over a
+# 480-minute span, then uptime as it prints it and the mean upload time it compares.
+SIMULATOR_DAY = {
+    "60-6b-44-84-dc-64": (479, "99.79167", "3m7.893379134s"),
+    "b4-45-52-a2-f1-3c": (480, "100.00000", "3m19.085533836s"),
+    "26-9a-66-01-33-83": (446, "92.91667", "3m21.858747766s"),
+    "18-b8-87-e7-1f-06": (474, "98.75000", "3m17.331667813s"),
+    "38-4e-73-e0-33-59": (479, "99.79167", "3m29.226522788s"),
+}
+SIMULATOR_START = datetime(2024, 1, 1, 10, 0, tzinfo=timezone.utc)
+
+
+# --- Fixtures and helpers -----------------------------------------------------------
+
+
+@pytest.fixture
+def app(tmp_path):
+    app = create_app(database=tmp_path / "fleetmon.db", devices_csv=HERE / "devices.csv")
+    app.config["TESTING"] = True
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def heartbeat_url(device_id=DEVICE):
+    return f"/api/v1/devices/{device_id}/heartbeat"
+
+
+def stats_url(device_id=DEVICE):
+    return f"/api/v1/devices/{device_id}/stats"
+
+
+def stored(app, tables=("heartbeat_minutes", "uploads", "device_stats")):
+    """What the database holds, to show that a rejected request changed nothing."""
+    with sqlite3.connect(app.config["DATABASE"]) as db:
+        return {table: db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in tables}
+
+
+def rfc3339(moment):
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def simulator_day(device_id):
+    """(path, body) requests that give the published stats for one device.
+
+    Heartbeats: the first and last minute of the 480-minute span and as many in
+    between as the simulator reports. Uploads: 100 around the published mean whose
+    total is 37 ns over 100 means, so only truncating division gives that mean.
+    """
+    heartbeats, _, mean_text = SIMULATOR_DAY[device_id]
+    missing = set(random.Random(device_id).sample(range(1, 480), 481 - heartbeats))
+    minutes = [m for m in range(481) if m not in missing]
+    mean = parse_go_duration(mean_text)
+    uploads = [mean + sign * step * 7_919_113 for step in range(50) for sign in (1, -1)]
+    uploads[0] += 37
+    requests = [
+        (f"/api/v1/devices/{device_id}/heartbeat",
+         {"sent_at": rfc3339(SIMULATOR_START + timedelta(minutes=m, seconds=17))})
+        for m in minutes
+    ] + [
+        (f"/api/v1/devices/{device_id}/stats",
+         {"sent_at": rfc3339(SIMULATOR_START + timedelta(minutes=4 * i)), "upload_time": ns})
+        for i, ns in enumerate(uploads)
+    ]
+    random.Random(device_id).shuffle(requests)  # arrival order must not matter
+    return requests
+
+
+def parse_go_duration(text):
+    """'3m7.893379134s' -> nanoseconds; enough of Go's syntax for the table above."""
+    minutes, seconds = text.rstrip("s").split("m")
+    whole, fraction = seconds.split(".")
+    return (int(minutes) * 60 + int(whole)) * 10**9 + int(fraction.ljust(9, "0"))
+
+
+@contextmanager
+def waitress_server(app, threads=4):
+    """A real waitress server for app on a free loopback port, in this process."""
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
+    runner = threading.Thread(target=server.run, daemon=True)
+    runner.start()
+    try:
+        yield server.effective_port
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown()
+        runner.join(timeout=10)
+
+
+def http_request(connection, method, path, body=None):
+    payload = None if body is None else json.dumps(body)
+    connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+# --- Maths: Go's time.Duration.String() ----------------------------------------------
+
+# Each right-hand side is what Go prints for time.Duration(left).String() (checked
+# against go1.19).
+GO_DURATIONS = [
+    (0, "0s"),
+    (1, "1ns"),
+    (999, "999ns"),
+    (1_000, "1µs"),
+    (1_500, "1.5µs"),
+    (1_001, "1.001µs"),
+    (999_999, "999.999µs"),
+    (1_000_000, "1ms"),
+    (1_100_000, "1.1ms"),
+    (999_999_999, "999.999999ms"),
+    (1_000_000_000, "1s"),
+    (1_000_000_001, "1.000000001s"),
+    (1_500_000_000, "1.5s"),
+    (59_999_999_999, "59.999999999s"),
+    (60_000_000_000, "1m0s"),
+    (61_000_000_000, "1m1s"),
+    (187_893_379_134, "3m7.893379134s"),
+    (3_599_999_999_999, "59m59.999999999s"),
+    (3_600_000_000_000, "1h0m0s"),
+    (3_723_000_000_001, "1h2m3.000000001s"),
+    (3_723_100_000_000, "1h2m3.1s"),
+    (90_000_000_000_000, "25h0m0s"),
+    (2**53 + 1, "2501h59m59.254740993s"),
+    (INT64_MAX, "2562047h47m16.854775807s"),
+    (-1, "-1ns"),
+    (-1_500, "-1.5µs"),
+    (-3_600_000_000_000, "-1h0m0s"),
+    (-(2**63), "-2562047h47m16.854775808s"),
+]
+
+
+@pytest.mark.parametrize(("ns", "text"), GO_DURATIONS)
+def test_format_duration_matches_go(ns, text):
+    assert format_duration(ns) == text
+
+
+def test_format_duration_uses_the_micro_sign():
+    assert format_duration(1_500) == "1.5\u00b5s"  # U+00B5, as Go writes it, not U+03BC
+
+
+@pytest.mark.parametrize(
+    ("total_ns", "count", "mean"),
+    [(0, 0, 0), (7, 1, 7), (10, 3, 3), (11, 3, 3), (18_789_337_913_437, 100, 187_893_379_134),
+     (INT64_MAX, 1, INT64_MAX), (INT64_MAX, 2, 4_611_686_018_427_387_903)],
+)
+def test_mean_ns_truncates(total_ns, count, mean):
+    assert mean_ns(total_ns, count) == mean
+
+
+# --- Maths: uptime ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("online", "first", "last", "uptime"),
+    [
+        (0, None, None, 0.0),  # uploads only
+        (1, 1000, 1000, 100.0),  # one online minute
+        (479, 0, 480, 479 / 480 * 100),  # the span is exclusive: not 479 / 481
+        (446, 0, 480, 446 / 480 * 100),
+        (480, 0, 480, 100.0),
+        (481, 0, 480, 100.0),  # online in every minute of the span: capped
+        (2, 5, 6, 100.0),
+        (2, -10, 50, 2 / 60 * 100),  # minutes before 1970 are fine
+    ],
+)
+def test_uptime_percent(online, first, last, uptime):
+    assert uptime_percent(online, first, last) == uptime
+
+
+def test_uptime_is_not_rounded():
+    assert uptime_percent(479, 0, 480) == 99.79166666666667
+    assert f"{uptime_percent(479, 0, 480):.5f}" == "99.79167"
+
+
+# --- Maths: sent_at --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent_at", "minute"),
+    [
+        ("1970-01-01T00:00:00Z", 0),
+        ("1970-01-01T00:00:59.999999999Z", 0),  # seconds are dropped, not rounded
+        ("1970-01-01T00:01:00Z", 1),
+        ("1969-12-31T23:59:59Z", -1),
+        ("1970-01-01T01:00:00+01:00", 0),  # offsets are normalised to UTC
+        ("1969-12-31T19:00:30-05:00", 0),
+        ("1970-01-01T05:30:00+05:30", 0),
+        ("1970-01-01T00:00:00-00:00", 0),
+        ("2024-01-01T10:04:00Z", 28_401_724),
+        ("2024-01-01T10:04:00.5Z", 28_401_724),
+        ("2024-01-01T10:04:00.123456789+00:00", 28_401_724),
+        ("2024-02-29T00:00:00Z", 28_486_080),  # leap day
+        ("0001-01-01T00:00:00Z", -1_035_593_280),
+        ("9999-12-31T23:59:59Z", 4_223_371_679),
+    ],
+)
+def test_utc_minute(sent_at, minute):
+    assert utc_minute(sent_at) == minute
+
+
+@pytest.mark.parametrize(
+    "sent_at",
+    [
+        "",
+        "2024-01-01T10:04:00",  # no offset
+        "2024-01-01",  # a date alone
+        "10:04:00Z",
+        "2024-01-01 10:04:00Z",  # a space instead of T
+        "2024-01-01t10:04:00z",  # Go and JSON Schema want upper case too
+        "2024-01-01T10:04Z",  # no seconds
+        "2024-01-01T10:04:00.Z",
+        "2024-01-01T10:04:00.1234567890Z",  # more than nanoseconds
+        "2024-01-01T10:04:00+0100",
+        "2024-01-01T10:04:00+01",
+        "2024-01-01T10:04:00+24:00",
+        "2024-01-01T10:04:00+01:60",
+        "2024-13-01T10:04:00Z",
+        "2024-02-30T10:04:00Z",
+        "2023-02-29T10:04:00Z",  # not a leap year
+        "2024-01-01T24:00:00Z",
+        "2024-01-01T10:60:00Z",
+        "2024-01-01T10:04:60Z",  # leap seconds: Go rejects them too
+        "0000-01-01T00:00:00Z",  # there is no year 0
+        "0001-01-01T00:00:00+00:01",  # year 0 in UTC
+        "9999-12-31T23:59:59-00:01",  # year 10000 in UTC
+        "+2024-01-01T10:04:00Z",
+        "2024-01-01T10:04:00Z\n",
+        " 2024-01-01T10:04:00Z",
+        "２０２４-01-01T10:04:00Z",  # digits, but not ASCII ones
+        "Mon, 01 Jan 2024 10:04:00 GMT",
+        "1704103440",
+    ],
+)
+def test_utc_minute_rejects(sent_at):
+    with pytest.raises(ValueError):
+        utc_minute(sent_at)
+
+
+@pytest.mark.parametrize("text", ["2024-01-01T10:04:00Z", "0001-01-01T00:00:00Z", "9999-12-31T23:59:00Z"])
+def test_minute_to_rfc3339_inverts_utc_minute(text):
+    assert minute_to_rfc3339(utc_minute(text)) == text
+
+
+# --- Devices file ----------------------------------------------------------------------
+
+
+def test_the_shipped_devices_are_the_simulators(app):
+    assert app.config["DEVICE_IDS"] == set(SIMULATOR_DAY)
+
+
+def test_load_device_ids_tolerates_what_spreadsheets_write(tmp_path):
+    path = tmp_path / "devices.csv"
+    path.write_bytes(b"\xef\xbb\xbf name , device_id \r\nA, aa-01 \r\n\r\nB,bb-02\r\nC,aa-01\r\nD,\r\nE\r\n")
+    assert load_device_ids(path) == {"aa-01", "bb-02"}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read devices file"),
+        (b"", "has no device_id column"),
+        (b"id\n60-6b-44-84-dc-64\n", "has no device_id column"),
+        (b"device_id\n\xff\xfe\n", "is not UTF-8 text"),
+    ],
+)
+def test_load_device_ids_refuses_a_missing_or_wrong_file(tmp_path, content, message):
+    path = tmp_path / "devices.csv"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(StartupError, match=message):
+        load_device_ids(path)
+
+
+def test_a_bad_devices_file_stops_the_start_with_one_line(tmp_path):
+    missing = tmp_path / "nowhere.csv"
+    run = subprocess.run(
+        [sys.executable, str(HERE / "fleetmon.py"), "--devices", str(missing), "--db", str(tmp_path / "x.db")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 1
+    assert run.stderr == f"fleetmon: cannot read devices file {missing}: No such file or directory\n"
+    assert run.stdout == ""
+
+
+# --- HTTP: the three contract endpoints ------------------------------------------------
+
+
+def test_heartbeat_is_stored_and_answered_with_an_empty_204(app, client):
+    response = client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:04:31+02:00"})
+    assert response.status_code == 204
+    assert response.data == b""
+    assert "Content-Type" not in response.headers
+    assert stored(app)["heartbeat_minutes"] == [(DEVICE, utc_minute("2024-01-01T08:04:00Z"))]
+
+
+def test_upload_is_stored_as_sent(app, client):
+    body = {"sent_at": "2024-01-01T10:04:00.123456789-05:00", "upload_time": 187_893_379_134}
+    response = client.post(stats_url(), json=body)
+    assert response.status_code == 204
+    assert response.data == b""
+    assert stored(app)["uploads"] == [(1, DEVICE, "2024-01-01T10:04:00.123456789-05:00", 187_893_379_134)]
+
+
+def test_stats_are_204_until_a_device_sends_something(client):
+    response = client.get(stats_url())
+    assert response.status_code == 204
+    assert response.data == b""
+
+
+def test_stats_after_heartbeats_and_uploads(client):
+    for minute in ("10:00", "10:01", "10:01", "10:03", "10:04"):
+        assert client.post(heartbeat_url(), json={"sent_at": f"2024-01-01T{minute}:00Z"}).status_code == 204
+    for upload_time in (1_000, 2_001):
+        body = {"sent_at": "2024-01-01T10:02:00Z", "upload_time": upload_time}
+        assert client.post(stats_url(), json=body).status_code == 204
+    response = client.get(stats_url())
+    assert response.status_code == 200
+    assert response.content_type == "application/json"
+    assert response.get_json() == {"uptime": 100.0, "avg_upload_time": "1.5µs"}
+
+
+def test_uptime_is_a_full_precision_json_number(client):
+    for minute in [m for m in range(481) if m not in (100, 200)]:  # 479 online, 480-minute span
+        sent_at = rfc3339(SIMULATOR_START + timedelta(minutes=minute))
+        client.post(heartbeat_url(), json={"sent_at": sent_at})
+    assert b'"uptime":99.79166666666667' in client.get(stats_url()).data
+
+
+def test_retried_heartbeats_in_one_minute_count_once(app, client):
+    for sent_at in ("2024-01-01T10:00:00Z", "2024-01-01T10:00:59.999Z", "2024-01-01T11:00:30+01:00",
+                    "2024-01-01T10:10:00Z", "2024-01-01T10:10:00Z"):
+        assert client.post(heartbeat_url(), json={"sent_at": sent_at}).status_code == 204
+    assert client.get(stats_url()).get_json()["uptime"] == 2 / 10 * 100
+    assert len(stored(app)["heartbeat_minutes"]) == 2
+
+
+def test_arrival_order_does_not_matter(tmp_path):
+    minutes = [0, 3, 4, 9, 10, 30]
+    answers = []
+    for order in (minutes, minutes[::-1], [9, 0, 30, 4, 10, 3]):
+        app = create_app(database=tmp_path / f"{order}.db", devices_csv=HERE / "devices.csv")
+        client = app.test_client()
+        for minute in order:
+            client.post(heartbeat_url(), json={"sent_at": rfc3339(SIMULATOR_START + timedelta(minutes=minute))})
+        answers.append(client.get(stats_url()).get_json())
+    assert answers == [{"uptime": 6 / 30 * 100, "avg_upload_time": "0s"}] * 3
+
+
+def test_upload_sent_at_is_no_heartbeat(client):
+    client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:00:00Z"})
+    client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:04:00Z"})
+    client.post(stats_url(), json={"sent_at": "2024-01-01T12:00:00Z", "upload_time": 60_000_000_000})
+    client.post(stats_url(), json={"sent_at": "2024-01-01T10:02:00Z", "upload_time": 0})
+    assert client.get(stats_url()).get_json() == {"uptime": 2 / 4 * 100, "avg_upload_time": "30s"}
+
+
+def test_uploads_only_give_zero_uptime(client):
+    client.post(stats_url(), json={"sent_at": "2024-01-01T10:00:00Z", "upload_time": 3_723_000_000_001})
+    assert client.get(stats_url()).get_json() == {"uptime": 0.0, "avg_upload_time": "1h2m3.000000001s"}
+
+
+def test_heartbeats_only_give_0s_average(client):
+    client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:00:00Z"})
+    assert client.get(stats_url()).get_json() == {"uptime": 100.0, "avg_upload_time": "0s"}
+
+
+def test_devices_are_kept_apart(client):
+    client.post(stats_url(), json={"sent_at": "2024-01-01T10:00:00Z", "upload_time": 5})
+    assert client.get(stats_url(OTHER_DEVICE)).status_code == 204
+
+
+def test_body_is_json_whatever_the_content_type(client):
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        response = client.post(heartbeat_url(), data='{"sent_at": "2024-01-01T10:04:00Z"}', headers=headers)
+        assert response.status_code == 204
+
+
+def test_unknown_fields_are_ignored(client):
+    body = {"sent_at": "2024-01-01T10:04:00Z", "upload_time": 7, "firmware": {"v": [1, 2]}}
+    assert client.post(stats_url(), json=body).status_code == 204
+    assert client.get(stats_url()).get_json()["avg_upload_time"] == "7ns"
+
+
+# --- HTTP: errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["post", "get"])
+@pytest.mark.parametrize("device_id", ["unknown", "60-6b-44-84-dc-6", "60-6B-44-84-DC-64", " 60-6b-44-84-dc-64"])
+def test_unknown_device_is_404_whatever_the_body(app, client, method, device_id):
+    for path in ([heartbeat_url(device_id), stats_url(device_id)] if method == "post" else [stats_url(device_id)]):
+        response = getattr(client, method)(path, data=b"not json at all")
+        assert response.status_code == 404
+        assert response.get_json() == {"msg": "device not found"}
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "allow"),
+    [
+        ("/api/v1/devices/60-6b-44-84-dc-64/heartbeat", "get", "OPTIONS, POST"),
+        ("/api/v1/devices/60-6b-44-84-dc-64/heartbeat", "put", "OPTIONS, POST"),
+        ("/api/v1/devices/unknown/heartbeat", "delete", "OPTIONS, POST"),  # 405 before 404
+        ("/api/v1/devices/60-6b-44-84-dc-64/stats", "patch", "GET, HEAD, OPTIONS, POST"),
+        ("/openapi.json", "post", "GET, HEAD, OPTIONS"),
+    ],
+)
+def test_wrong_method_is_405_with_allow(client, path, method, allow):
+    response = getattr(client, method)(path, data=b"not json")
+    assert response.status_code == 405
+    assert response.get_json() == {"msg": "The method is not allowed for the requested URL."}
+    assert sorted(response.headers["Allow"].split(", ")) == allow.split(", ")
+
+
+@pytest.mark.parametrize("path", ["/api/v1/devices", "/api/v1/devices/60-6b-44-84-dc-64", "/api/v2/x", "/favicon.ico"])
+def test_unknown_path_is_404_json(client, path):
+    response = client.get(path)
+    assert response.status_code == 404
+    assert response.content_type == "application/json"
+    assert "msg" in response.get_json()
+
+
+BAD_HEARTBEAT_BODIES = [
+    (b"", "body is not valid JSON"),
+    (b"{", "body is not valid JSON"),
+    (b"sent_at=2024-01-01T10:04:00Z", "body is not valid JSON"),
+    (b'{"sent_at": "2024-01-01T10:04:00Z", "x": NaN}', "body is not valid JSON"),
+    (b'{"sent_at": "2024-01-01T10:04:00Z"} {}', "body is not valid JSON"),
+    (b"\xff\xfe{}", "body is not valid JSON"),
+    (b"[" * 60_000, "body is not valid JSON"),
+    (b"null", "body must be a JSON object"),
+    (b"[]", "body must be a JSON object"),
+    (b'"2024-01-01T10:04:00Z"', "body must be a JSON object"),
+    (b"{}", "sent_at is required"),
+    (b'{"sent_At": "2024-01-01T10:04:00Z"}', "sent_at is required"),
+]
+SENT_AT_MESSAGE = "sent_at must be an RFC 3339 date-time with an offset, like 2024-01-01T10:04:00Z"
+BAD_SENT_AT = [None, 1704103440, True, ["2024-01-01T10:04:00Z"], "2024-01-01T10:04:00", "2024-01-01", "yesterday"]
+
+
+@pytest.mark.parametrize("path", [heartbeat_url(), stats_url()])
+@pytest.mark.parametrize(("body", "message"), BAD_HEARTBEAT_BODIES)
+def test_bad_body_is_400_and_stores_nothing(app, client, path, body, message):
+    before = stored(app)
+    response = client.post(path, data=body)
+    assert response.status_code == 400
+    assert response.get_json() == {"msg": message}
+    assert stored(app) == before
+
+
+@pytest.mark.parametrize("path", [heartbeat_url(), stats_url()])
+@pytest.mark.parametrize("sent_at", BAD_SENT_AT)
+def test_bad_sent_at_is_400_and_stores_nothing(app, client, path, sent_at):
+    before = stored(app)
+    response = client.post(path, json={"sent_at": sent_at, "upload_time": 1})
+    assert response.status_code == 400
+    assert response.get_json() == {"msg": SENT_AT_MESSAGE}
+    assert stored(app) == before
+
+
+@pytest.mark.parametrize(
+    ("upload_time", "message"),
+    [
+        (True, "must"), (False, "must"), (5.0, "must"), (1e3, "must"), ("5", "must"), (None, "must"),
+        (-1, "must"), (INT64_MAX + 1, "must"), (10**400, "must"), ([5], "must"), ({}, "must"),
+        (..., "upload_time is required"),
+    ],
+)
+def test_bad_upload_time_is_400_and_stores_nothing(app, client, upload_time, message):
+    body = {"sent_at": "2024-01-01T10:04:00Z"}
+    if upload_time is not ...:
+        body["upload_time"] = upload_time
+    before = stored(app)
+    response = client.post(stats_url(), json=body)
+    assert response.status_code == 400
+    if message == "must":
+        message = "upload_time must be an integer number of nanoseconds from 0 to 9223372036854775807"
+    assert response.get_json() == {"msg": message}
+    assert stored(app) == before
+
+
+def test_upload_time_limits_are_accepted(client):
+    for upload_time in (0, INT64_MAX):
+        body = {"sent_at": "2024-01-01T10:04:00Z", "upload_time": upload_time}
+        assert client.post(stats_url(upload_time and OTHER_DEVICE or DEVICE), json=body).status_code == 204
+    assert client.get(stats_url(OTHER_DEVICE)).get_json()["avg_upload_time"] == "2562047h47m16.854775807s"
+
+
+def test_an_upload_that_would_overflow_the_total_is_409_and_stores_nothing(app, client):
+    body = {"sent_at": "2024-01-01T10:04:00Z", "upload_time": INT64_MAX - 1}
+    assert client.post(stats_url(), json=body).status_code == 204
+    before = stored(app)
+    response = client.post(stats_url(), json={"sent_at": "2024-01-01T10:05:00Z", "upload_time": 2})
+    assert response.status_code == 409
+    assert response.get_json() == {
+        "msg": "this upload_time would overflow the device's total upload time "
+               "(9223372036854775807 ns); nothing was stored"
+    }
+    assert stored(app) == before
+    assert client.post(stats_url(), json={"sent_at": "2024-01-01T10:05:00Z", "upload_time": 1}).status_code == 204
+    assert client.get(stats_url()).get_json()["avg_upload_time"] == format_duration(INT64_MAX // 2)
+
+
+@pytest.mark.parametrize("path", [heartbeat_url(), stats_url()])
+def test_body_limit_is_64_kib(app, client, path):
+    def body_of_size(size):
+        prefix = b'{"sent_at": "2024-01-01T10:04:00Z", "upload_time": 1, "padding": "'
+        return prefix + b"x" * (size - len(prefix) - 2) + b'"}'
+
+    assert client.post(path, data=body_of_size(64 * 1024)).status_code == 204
+    before = stored(app)
+    response = client.post(path, data=body_of_size(64 * 1024 + 1))
+    assert response.status_code == 413
+    assert response.get_json() == {"msg": "The data value transmitted exceeds the capacity limit."}
+    assert stored(app) == before
+
+
+def test_unexpected_error_is_500_json_without_details_and_stores_nothing(app, client, caplog):
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # answer as in production, not raise into the test
+    with sqlite3.connect(app.config["DATABASE"]) as db:
+        db.execute("DROP TABLE uploads")
+    before = stored(app, ("heartbeat_minutes", "device_stats"))
+    response = client.post(stats_url(), json={"sent_at": "2024-01-01T10:04:00Z", "upload_time": 5})
+    assert response.status_code == 500
+    assert response.content_type == "application/json"
+    assert response.get_json() == {
+        "msg": "The server encountered an internal error and was unable to complete your request. "
+               "Either the server is overloaded or there is an error in the application."
+    }
+    assert stored(app, ("heartbeat_minutes", "device_stats")) == before
+    assert "no such table: uploads" in caplog.text  # the detail goes to the log
+
+
+@pytest.mark.parametrize(
+    "device_id",
+    ["'; DROP TABLE device_stats; --", "60-6b-44-84-dc-64' OR '1'='1", "%", "_" * 17, "x" * 5_000, "é", "\x00"],
+)
+def test_hostile_device_ids_are_404(app, client, device_id):
+    before = stored(app)
+    for path in (heartbeat_url(device_id), stats_url(device_id)):
+        response = client.post(path, json={"sent_at": "2024-01-01T10:04:00Z", "upload_time": 1})
+        assert response.status_code == 404
+        assert response.get_json()["msg"]
+    assert stored(app) == before
+
+
+# --- Storage ----------------------------------------------------------------------------
+
+
+def test_schema_can_be_applied_again_and_a_restart_gives_the_same_stats(app, client, tmp_path):
+    for path, body in simulator_day(DEVICE)[:300]:
+        assert client.post(path, json=body).status_code == 204
+    answer = client.get(stats_url()).get_json()
+    restarted = create_app(database=app.config["DATABASE"], devices_csv=HERE / "devices.csv")
+    assert restarted.test_client().get(stats_url()).get_json() == answer
+    assert stored(restarted) == stored(app)
+
+
+def test_aggregates_match_the_raw_rows(app, client):
+    for path, body in simulator_day(DEVICE)[:300]:
+        client.post(path, json=body)
+    with sqlite3.connect(app.config["DATABASE"]) as db:
+        raw = db.execute(
+            "SELECT count(*), min(minute), max(minute) FROM heartbeat_minutes WHERE device_id = ?", (DEVICE,)
+        ).fetchone() + db.execute(
+            "SELECT count(*), sum(upload_time_ns) FROM uploads WHERE device_id = ?", (DEVICE,)
+        ).fetchone()
+        aggregates = db.execute(
+            "SELECT online_minutes, first_minute, last_minute, upload_count, upload_total_ns"
+            " FROM device_stats WHERE device_id = ?", (DEVICE,)
+        ).fetchone()
+    assert aggregates == raw
+
+
+def test_database_is_in_wal_mode(app):
+    with sqlite3.connect(app.config["DATABASE"]) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+# --- A real server ---------------------------------------------------------------------
+
+
+def test_simulator_day_over_waitress_with_16_threads(app):
+    """The simulator's day for all five devices, spread over 16 keep-alive clients, so
+    every device is written from several threads at once; then the published table."""
+    requests = [request for device_id in SIMULATOR_DAY for request in simulator_day(device_id)]
+    random.Random(16).shuffle(requests)
+    with waitress_server(app, threads=8) as port:
+
+        def send(share):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            answers = [http_request(connection, "POST", path, body) for path, body in share]
+            connection.close()
+            return answers
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = [answer for share in pool.map(send, [requests[i::16] for i in range(16)]) for answer in share]
+        assert answers == [(204, b"")] * len(requests)
+
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for device_id, (_, uptime, avg_upload_time) in SIMULATOR_DAY.items():
+            status, body = http_request(connection, "GET", stats_url(device_id))
+            stats = json.loads(body)
+            assert (status, f"{stats['uptime']:.5f}", stats["avg_upload_time"]) == (200, uptime, avg_upload_time)
+        connection.close()
+
+
+def start_fleetmon(tmp_path):
+    """python fleetmon.py on a free port; returns the process and its port."""
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "fleetmon.py"), "--port", "0", "--db", str(tmp_path / "fleetmon.db")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert process.stdout.readline() == f"fleetmon: 5 devices from {HERE / 'devices.csv'}, database {tmp_path / 'fleetmon.db'}\n"
+    listening = process.stdout.readline()
+    assert listening.startswith("fleetmon: listening on http://127.0.0.1:")
+    return process, int(listening.split(":")[3].split("/")[0])
+
+
+def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
+    process, port = start_fleetmon(tmp_path)
+    acknowledged = []
+    enough = threading.Event()
+
+    def stream():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            for minute in range(100_000):
+                sent_at = rfc3339(SIMULATOR_START + timedelta(minutes=minute))
+                if http_request(connection, "POST", heartbeat_url(), {"sent_at": sent_at}) == (204, b""):
+                    acknowledged.append(utc_minute(sent_at))
+                if len(acknowledged) >= 300:
+                    enough.set()
+        except (OSError, http.client.HTTPException):
+            pass  # the server was killed mid-request
+        finally:
+            enough.set()
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    try:
+        assert enough.wait(timeout=60)
+    finally:
+        process.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no clean shutdown
+        process.wait()
+        process.stdout.close()
+        streamer.join(timeout=60)
+
+    assert len(acknowledged) >= 300
+    restarted = create_app(database=tmp_path / "fleetmon.db", devices_csv=HERE / "devices.csv")
+    minutes = {minute for (device_id, minute) in stored(restarted)["heartbeat_minutes"]}
+    assert minutes.issuperset(acknowledged)
+    response = restarted.test_client().get("/debug/stats/" + DEVICE).get_json()
+    assert response["online_minutes"] == len(minutes)  # the aggregates committed with the rows
