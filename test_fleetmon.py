@@ -7,17 +7,23 @@ runs the benchmark instead (see README.md, "Performance and limits").
 
 import http.client
 import json
+import re
 import random
 import sqlite3
 import subprocess
 import sys
 import threading
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import openapi_spec_validator
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+import schemathesis
 import waitress
 
 import fleetmon
@@ -454,7 +460,11 @@ def test_wrong_method_is_405_with_allow(client, path, method, allow):
     assert sorted(response.headers["Allow"].split(", ")) == allow.split(", ")
 
 
-@pytest.mark.parametrize("path", ["/api/v1/devices", "/api/v1/devices/60-6b-44-84-dc-64", "/api/v2/x", "/favicon.ico"])
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v1/devices", "/api/v1/devices/60-6b-44-84-dc-64", "/api/v1/devices/60-6b/44-84-dc-64/stats",
+     "/api/v2/x", "/favicon.ico"],
+)
 def test_unknown_path_is_404_json(client, path):
     response = client.get(path)
     assert response.status_code == 404
@@ -694,3 +704,216 @@ def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
     assert minutes.issuperset(acknowledged)
     response = restarted.test_client().get("/debug/stats/" + DEVICE).get_json()
     assert response["online_minutes"] == len(minutes)  # the aggregates committed with the rows
+
+
+# --- The document, the docs page, the root and the debug views -------------------------
+
+
+def test_openapi_document_is_valid_and_names_the_server_that_answered(client):
+    response = client.get("/openapi.json", base_url="http://127.0.0.1:7000")
+    assert response.status_code == 200
+    assert response.content_type == "application/json"
+    document = response.get_json()
+    openapi_spec_validator.validate(document)
+    assert document["servers"] == [{"url": "http://127.0.0.1:7000", "description": "this fleetmon"}]
+    shipped = json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
+    assert {**document, "servers": shipped["servers"]} == shipped
+
+
+def test_every_route_is_documented_and_every_documented_path_is_routed(app):
+    documented = {
+        (path, method.upper())
+        for path, operations in json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))["paths"].items()
+        for method in operations
+    }
+    routed = {
+        (re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method)
+        for rule in app.url_map.iter_rules()
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    assert routed == documented
+
+
+def test_docs_are_swagger_ui_served_by_fleetmon_alone(client):
+    assert client.get("/docs").status_code == 308
+    assert client.get("/docs").headers["Location"].endswith("/docs/")
+    page = client.get("/docs/")
+    assert page.status_code == 200
+    assert page.content_type == "text/html; charset=utf-8"
+    html = page.get_data(as_text=True)
+    assert 'url: "/openapi.json"' in html
+    assets = re.findall(r'(?:src|href)="\./([^"]+)"', html)
+    assert set(assets) == {"swagger-ui.css", "favicon-32x32.png", "favicon-16x16.png",
+                           "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js"}
+    for asset in assets:
+        assert client.get(f"/docs/{asset}").status_code == 200
+    assert "http://" not in html and "https://" not in html  # nothing from the network
+
+
+def test_root_says_what_this_is(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.content_type == "application/json"
+    assert response.get_json() == {
+        "name": "fleetmon",
+        "version": "1.0.0",
+        "devices": 5,
+        "links": {
+            "docs": "/docs/",
+            "openapi": "/openapi.json",
+            "example_stats": "/api/v1/devices/18-b8-87-e7-1f-06/stats",
+        },
+    }
+    assert client.get(response.get_json()["links"]["example_stats"]).status_code == 204
+
+
+def test_root_with_no_devices_has_no_example(tmp_path):
+    (tmp_path / "devices.csv").write_text("device_id\n")
+    app = create_app(database=tmp_path / "fleetmon.db", devices_csv=tmp_path / "devices.csv")
+    body = app.test_client().get("/").get_json()
+    assert (body["devices"], body["links"]["example_stats"]) == (0, None)
+
+
+def test_debug_devices_lists_what_each_device_sent(client):
+    client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:00:00Z"})
+    client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:00:30Z"})
+    client.post(stats_url(OTHER_DEVICE), json={"sent_at": "2024-01-01T10:00:00Z", "upload_time": 1})
+    response = client.get("/debug/devices")
+    assert response.status_code == 200
+    assert response.content_type == "application/json"
+    assert response.get_json() == {"devices": [
+        {"device_id": "18-b8-87-e7-1f-06", "has_sent": False, "online_minutes": 0, "upload_count": 0},
+        {"device_id": "26-9a-66-01-33-83", "has_sent": False, "online_minutes": 0, "upload_count": 0},
+        {"device_id": "38-4e-73-e0-33-59", "has_sent": False, "online_minutes": 0, "upload_count": 0},
+        {"device_id": "60-6b-44-84-dc-64", "has_sent": True, "online_minutes": 1, "upload_count": 0},
+        {"device_id": "b4-45-52-a2-f1-3c", "has_sent": True, "online_minutes": 0, "upload_count": 1},
+    ]}
+
+
+def test_debug_devices_leaves_out_devices_no_longer_in_the_csv(app, tmp_path):
+    (tmp_path / "fewer.csv").write_text(f"device_id\n{DEVICE}\n")
+    fewer = create_app(database=app.config["DATABASE"], devices_csv=tmp_path / "fewer.csv")
+    devices = fewer.test_client().get("/debug/devices").get_json()["devices"]
+    assert [device["device_id"] for device in devices] == [DEVICE]
+
+
+def test_debug_stats_of_a_device_that_sent_nothing(client):
+    response = client.get(f"/debug/stats/{DEVICE}")
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "device_id": DEVICE, "online_minutes": 0, "first_online_minute": None, "last_online_minute": None,
+        "upload_count": 0, "upload_total_ns": 0, "stats": None,
+    }
+
+
+def test_debug_stats_show_the_telemetry_behind_the_stats(client):
+    for path, body in simulator_day(DEVICE):
+        client.post(path, json=body)
+    response = client.get(f"/debug/stats/{DEVICE}")
+    assert response.status_code == 200
+    assert response.content_type == "application/json"
+    assert response.get_json() == {
+        "device_id": DEVICE,
+        "online_minutes": 479,
+        "first_online_minute": "2024-01-01T10:00:00Z",
+        "last_online_minute": "2024-01-01T18:00:00Z",
+        "upload_count": 100,
+        "upload_total_ns": 18_789_337_913_437,
+        "stats": {"uptime": 479 / 480 * 100, "avg_upload_time": "3m7.893379134s"},
+    }
+    assert response.get_json()["stats"] == client.get(stats_url()).get_json()
+
+
+def test_debug_stats_of_an_unknown_device_is_404(client):
+    response = client.get("/debug/stats/unknown")
+    assert response.status_code == 404
+    assert response.get_json() == {"msg": "device not found"}
+
+
+# Loaded from the file, which the first test above shows is what /openapi.json serves;
+# each case is then sent to a fresh app in-process.
+api_document = schemathesis.openapi.from_path(HERE / "openapi.json")
+api_document.config.update(parameters={"path.device_id": DEVICE})
+api_document.config.generation.update(max_examples=30)
+
+
+@api_document.parametrize()
+# One app for all cases, on purpose: what one case stores, a later one reads. The same
+# cases every run, so that a rare one cannot make CI flaky.
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True)
+def test_the_document_tells_the_truth(app, case):
+    case.call_and_validate(app=app)
+
+
+# --- Hostile input ------------------------------------------------------------------------
+
+# Each example reuses the test's app: the database grows, and every example must leave it
+# unchanged unless it was answered 204.
+hostile = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+near_valid_sent_at = st.from_regex(
+    r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{0,10})?(Z|z|[+-][0-9]{2}:?[0-9]{2})?\Z"
+)
+bodies = st.dictionaries(
+    st.sampled_from(["sent_at", "upload_time"]) | st.text(max_size=8),
+    json_values | near_valid_sent_at | st.integers(min_value=-(2**64), max_value=2**64),
+    max_size=4,
+)
+
+
+def assert_answered_safely(app, response, before):
+    assert response.status_code in (204, 400, 404, 409, 413)
+    if response.status_code == 204:
+        assert response.data == b""
+    else:
+        assert response.content_type == "application/json"
+        assert response.get_json()["msg"]
+        assert stored(app) == before
+
+
+@pytest.mark.parametrize("path", [heartbeat_url(), stats_url()])
+@hostile
+@given(body=st.binary(max_size=2_000))
+def test_any_bytes_as_body(app, client, path, body):
+    before = stored(app)
+    assert_answered_safely(app, client.post(path, data=body), before)
+
+
+@pytest.mark.parametrize("path", [heartbeat_url(), stats_url()])
+@hostile
+@given(body=json_values | bodies)
+def test_any_json_as_body(app, client, path, body):
+    before = stored(app)
+    assert_answered_safely(app, client.post(path, data=json.dumps(body)), before)
+
+
+@hostile  # a "/" is no part of an id but a path separator: test_unknown_path_is_404_json
+@given(device_id=st.text(st.characters(exclude_characters="/"), min_size=1))
+def test_any_device_id(app, client, device_id):
+    before = stored(app)
+    quoted = urllib.parse.quote(device_id, safe="")
+    for method, path in (("post", f"/api/v1/devices/{quoted}/heartbeat"), ("post", f"/api/v1/devices/{quoted}/stats"),
+                         ("get", f"/api/v1/devices/{quoted}/stats"), ("get", f"/debug/stats/{quoted}")):
+        response = getattr(client, method)(path, json={"sent_at": "2024-01-01T10:04:00Z", "upload_time": 1})
+        assert response.status_code == 404
+        assert response.content_type == "application/json"
+    assert stored(app) == before
+
+
+@hostile
+@given(sent_at=st.text() | near_valid_sent_at)
+def test_any_sent_at(app, client, sent_at):
+    try:
+        expected = 204, utc_minute(sent_at)
+    except ValueError:
+        expected = 400, None
+    before = stored(app)
+    response = client.post(heartbeat_url(), json={"sent_at": sent_at})
+    assert response.status_code == expected[0]
+    assert_answered_safely(app, response, before)
+    if expected[0] == 204:
+        assert (DEVICE, expected[1]) in stored(app)["heartbeat_minutes"]
