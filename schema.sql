@@ -21,9 +21,10 @@ CREATE TABLE IF NOT EXISTS uploads (
     upload_time_ns INTEGER NOT NULL CHECK (upload_time_ns >= 0)
 );
 
--- The aggregates GET stats reads, one row per known device, kept in step with the two
--- tables above in the same transaction as each write. A row whose counts are both zero
--- is a device that has sent nothing yet.
+-- The aggregates GET stats reads, one row per known device, so that its cost does not
+-- grow with the history. A row whose counts are both zero is a device that has sent
+-- nothing yet. The triggers below keep it in step with the two tables above, in the
+-- statement that inserts into them.
 CREATE TABLE IF NOT EXISTS device_stats (
     device_id       TEXT PRIMARY KEY,
     online_minutes  INTEGER NOT NULL DEFAULT 0,
@@ -32,3 +33,21 @@ CREATE TABLE IF NOT EXISTS device_stats (
     upload_count    INTEGER NOT NULL DEFAULT 0,
     upload_total_ns INTEGER NOT NULL DEFAULT 0  -- exact; the app refuses to overflow it
 ) WITHOUT ROWID;
+
+-- A heartbeat in a minute already stored inserts nothing, and so fires nothing.
+CREATE TRIGGER IF NOT EXISTS count_online_minute AFTER INSERT ON heartbeat_minutes
+BEGIN
+    UPDATE device_stats
+    SET online_minutes = online_minutes + 1,
+        first_minute = min(coalesce(first_minute, NEW.minute), NEW.minute),
+        last_minute = max(coalesce(last_minute, NEW.minute), NEW.minute)
+    WHERE device_id = NEW.device_id;
+END;
+
+CREATE TRIGGER IF NOT EXISTS add_upload AFTER INSERT ON uploads
+BEGIN
+    UPDATE device_stats
+    SET upload_count = upload_count + 1,
+        upload_total_ns = upload_total_ns + NEW.upload_time_ns
+    WHERE device_id = NEW.device_id;
+END;

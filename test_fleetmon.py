@@ -7,12 +7,14 @@ runs the benchmark instead (see README.md, "Performance and limits").
 
 import http.client
 import json
+import os
 import re
 import random
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -917,3 +919,158 @@ def test_any_sent_at(app, client, sent_at):
     assert_answered_safely(app, response, before)
     if expected[0] == 204:
         assert (DEVICE, expected[1]) in stored(app)["heartbeat_minutes"]
+
+
+# --- Benchmark: FLEETMON_BENCHMARK=1 python -m pytest -k benchmark -s ----------------------
+
+# The floors: Flask on waitress doing nothing but parse the JSON body and answer 204
+# ("nothing"), or that and commit the body to SQLite as fleetmon would ("commit").
+FLOOR_APP = """
+import json, sqlite3, sys, tempfile, threading, waitress
+from pathlib import Path
+from flask import Flask, request
+threads, mode = int(sys.argv[1]), sys.argv[2]
+database = Path(tempfile.mkdtemp()) / "floor.db"
+sqlite3.connect(database).executescript("PRAGMA journal_mode = WAL; CREATE TABLE bodies (body TEXT);")
+connections = threading.local()
+app = Flask("floor")
+@app.post("/api/v1/devices/<device_id>/<kind>")
+def accept(device_id, kind):
+    body = json.loads(request.get_data())
+    if mode == "commit":
+        if not hasattr(connections, "db"):
+            connections.db = sqlite3.connect(database, isolation_level=None)
+            connections.db.execute("PRAGMA synchronous = NORMAL")
+        connections.db.execute("INSERT INTO bodies VALUES (?)", (json.dumps(body),))
+    return "", 204
+server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
+print(f"listening on http://127.0.0.1:{server.effective_port}", flush=True)
+server.run()
+"""
+
+
+@contextmanager
+def server_process(*args):
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        port = None
+        while port is None:
+            line = process.stdout.readline()
+            assert line, "the server did not start"
+            port = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        yield process, int(port.group(1))
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+
+
+def peak_memory_mb(process):
+    """Peak resident memory of a process; Linux only, None elsewhere."""
+    try:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+    except OSError:
+        return None
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def run_load(port, requests_by_client):
+    """Send each client's (method, path, body) list over its own keep-alive connection.
+
+    Returns (requests per second, p50 ms, p99 ms, answers other than 2xx).
+    """
+    def client(requests):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        timings, errors = [], 0
+        for method, path, body in requests:
+            started = time.perf_counter()
+            connection.request(method, path, body=body)
+            response = connection.getresponse()
+            response.read()
+            timings.append(time.perf_counter() - started)
+            errors += not 200 <= response.status < 300
+        connection.close()
+        return timings, errors
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(requests_by_client)) as pool:
+        results = list(pool.map(client, requests_by_client))
+    elapsed = time.perf_counter() - started
+    timings = sorted(t for client_timings, _ in results for t in client_timings)
+    return (len(timings) / elapsed, 1000 * timings[len(timings) // 2],
+            1000 * timings[int(len(timings) * 0.99)], sum(errors for _, errors in results))
+
+
+def telemetry_load(kind, clients=16, per_client=1_000):
+    """Heartbeats in distinct minutes (so each one writes), or uploads, spread over the devices."""
+    devices = sorted(SIMULATOR_DAY)
+
+    def body(client, n):
+        sent_at = rfc3339(SIMULATOR_START + timedelta(minutes=client * per_client + n))
+        return json.dumps({"sent_at": sent_at, "upload_time": 187_893_379_134} if kind == "stats" else {"sent_at": sent_at})
+
+    return [
+        [("POST", f"/api/v1/devices/{devices[client % 5]}/{kind}", body(client, n)) for n in range(per_client)]
+        for client in range(clients)
+    ]
+
+
+def best_of_three(port, make_load):
+    """The best of three runs: the machine's other work only ever slows a run down."""
+    return max((run_load(port, make_load()) for _ in range(3)), key=lambda figures: figures[0])
+
+
+def fill_heartbeats(database, per_device):
+    """Store per_device heartbeat minutes for each device, in the order they would arrive.
+
+    Returns the database's size per stored heartbeat minute, in bytes.
+    """
+    create_app(database=database, devices_csv=HERE / "devices.csv")  # the schema, triggers included
+    db = sqlite3.connect(database)
+    with db:
+        db.executemany(
+            "INSERT INTO heartbeat_minutes VALUES (?, ?)",
+            ((device_id, minute) for minute in range(per_device) for device_id in sorted(SIMULATOR_DAY)),
+        )
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    return database.stat().st_size / (per_device * len(SIMULATOR_DAY))
+
+
+@pytest.mark.skipif(not os.environ.get("FLEETMON_BENCHMARK"), reason="set FLEETMON_BENCHMARK=1 to run the benchmark")
+def test_benchmark(tmp_path):
+    def report(name, figures):
+        rate, p50, p99, errors = figures
+        print(f"{name:<48} {rate:6.0f} req/s   p50 {p50:5.2f} ms   p99 {p99:5.2f} ms   errors {errors}")
+
+    print(f"\nfleetmon benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+          f"16 keep-alive clients, waitress threads={fleetmon.WAITRESS_THREADS}, best of 3 runs")
+    floors = {}
+    for mode in ("nothing", "commit"):
+        with server_process("-c", FLOOR_APP, str(fleetmon.WAITRESS_THREADS), mode) as (_, port):
+            for kind in ("heartbeat", "stats"):
+                floors[mode, kind] = best_of_three(port, lambda: telemetry_load(kind))
+                report(f"floor: Flask on waitress, {mode}, POST {kind}", floors[mode, kind])
+
+    with server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(tmp_path / "load.db")) as (process, port):
+        for kind in ("heartbeat", "stats"):
+            figures = best_of_three(port, lambda: telemetry_load(kind))
+            report(f"fleetmon POST {kind}", figures)
+            print(f"{'':<48} {figures[0] / floors['nothing', kind][0]:6.0%} of the do-nothing floor, "
+                  f"{figures[0] / floors['commit', kind][0]:.0%} of the commit floor")
+
+        burst = [[("POST", path, json.dumps(body)) for path, body in simulator_day(device_id)]
+                 for device_id in SIMULATOR_DAY]
+        started = time.perf_counter()
+        errors = run_load(port, burst)[3]
+        print(f"{'simulator burst, 5 clients':<48} {sum(map(len, burst))} requests in "
+              f"{time.perf_counter() - started:.2f} s, errors {errors}")
+        peak = peak_memory_mb(process)
+        print(f"{'peak memory of the fleetmon process':<48} " + (f"{peak:.0f} MB" if peak else "n/a (Linux only)"))
+
+    for per_device in (1_000, 1_000_000):
+        database = tmp_path / f"{per_device}.db"
+        row_size = fill_heartbeats(database, per_device)
+        with server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(database)) as (_, port):
+            report(f"GET stats, {per_device:,} heartbeats stored", best_of_three(port, lambda: [[("GET", stats_url(), None)] * 2_000]))
+    print(f"{'database size per stored heartbeat minute':<48} {row_size:.0f} bytes")
