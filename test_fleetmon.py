@@ -137,6 +137,25 @@ def waitress_server(app, threads=4):
         runner.join(timeout=10)
 
 
+@contextmanager
+def server_process(*args):
+    """Run Python with args as a server that prints where it listens.
+
+    Yields the process, its port, and what it printed up to then.
+    """
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        printed = []
+        while not printed or "listening on" not in printed[-1]:
+            printed.append(process.stdout.readline())
+            assert printed[-1], f"the server stopped before listening: {printed}"
+        yield process, int(re.search(r"http://127\.0\.0\.1:(\d+)", printed[-1]).group(1)), printed
+    finally:
+        process.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no clean shutdown
+        process.wait()
+        process.stdout.close()
+
+
 def http_request(connection, method, path, body=None):
     payload = None if body is None else json.dumps(body)
     connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
@@ -659,49 +678,40 @@ def test_simulator_day_over_waitress_with_16_threads(app):
         connection.close()
 
 
-def start_fleetmon(tmp_path):
-    """python fleetmon.py on a free port; returns the process and its port."""
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "fleetmon.py"), "--port", "0", "--db", str(tmp_path / "fleetmon.db")],
-        stdout=subprocess.PIPE, text=True,
-    )
-    assert process.stdout.readline() == f"fleetmon: 5 devices from {HERE / 'devices.csv'}, database {tmp_path / 'fleetmon.db'}\n"
-    listening = process.stdout.readline()
-    assert listening.startswith("fleetmon: listening on http://127.0.0.1:")
-    return process, int(listening.split(":")[3].split("/")[0])
-
-
 def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
-    process, port = start_fleetmon(tmp_path)
+    database = tmp_path / "fleetmon.db"
     acknowledged = []
     enough = threading.Event()
 
-    def stream():
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            for minute in range(100_000):
-                sent_at = rfc3339(SIMULATOR_START + timedelta(minutes=minute))
-                if http_request(connection, "POST", heartbeat_url(), {"sent_at": sent_at}) == (204, b""):
-                    acknowledged.append(utc_minute(sent_at))
-                if len(acknowledged) >= 300:
-                    enough.set()
-        except (OSError, http.client.HTTPException):
-            pass  # the server was killed mid-request
-        finally:
-            enough.set()
+    with server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(database)) as (process, port, printed):
+        assert printed == [
+            f"fleetmon: 5 devices from {HERE / 'devices.csv'}, database {database}\n",
+            f"fleetmon: listening on http://127.0.0.1:{port}/api/v1 (docs at http://127.0.0.1:{port}/docs/)\n",
+        ]
 
-    streamer = threading.Thread(target=stream)
-    streamer.start()
-    try:
+        def stream():
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                for minute in range(100_000):
+                    sent_at = rfc3339(SIMULATOR_START + timedelta(minutes=minute))
+                    if http_request(connection, "POST", heartbeat_url(), {"sent_at": sent_at}) == (204, b""):
+                        acknowledged.append(utc_minute(sent_at))
+                    if len(acknowledged) >= 300:
+                        enough.set()
+            except (OSError, http.client.HTTPException):
+                pass  # the server was killed mid-request
+            finally:
+                enough.set()
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
         assert enough.wait(timeout=60)
-    finally:
-        process.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no clean shutdown
+        process.kill()
         process.wait()
-        process.stdout.close()
         streamer.join(timeout=60)
 
     assert len(acknowledged) >= 300
-    restarted = create_app(database=tmp_path / "fleetmon.db", devices_csv=HERE / "devices.csv")
+    restarted = create_app(database=database, devices_csv=HERE / "devices.csv")
     minutes = {minute for (device_id, minute) in stored(restarted)["heartbeat_minutes"]}
     assert minutes.issuperset(acknowledged)
     response = restarted.test_client().get("/debug/stats/" + DEVICE).get_json()
@@ -961,22 +971,6 @@ server.run()
 """
 
 
-@contextmanager
-def server_process(*args):
-    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
-    try:
-        port = None
-        while port is None:
-            line = process.stdout.readline()
-            assert line, "the server did not start"
-            port = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-        yield process, int(port.group(1))
-    finally:
-        process.kill()
-        process.wait()
-        process.stdout.close()
-
-
 def peak_memory_mb(process):
     """Peak resident memory of a process; Linux only, None elsewhere."""
     try:
@@ -1059,12 +1053,12 @@ def test_benchmark(tmp_path):
           f"16 keep-alive clients, waitress threads={fleetmon.WAITRESS_THREADS}, best of 3 runs")
     floors = {}
     for mode in ("nothing", "commit"):
-        with server_process("-c", FLOOR_APP, str(fleetmon.WAITRESS_THREADS), mode) as (_, port):
+        with server_process("-c", FLOOR_APP, str(fleetmon.WAITRESS_THREADS), mode) as (_, port, _):
             for kind in ("heartbeat", "stats"):
                 floors[mode, kind] = best_of_three(port, lambda: telemetry_load(kind))
                 report(f"floor: Flask on waitress, {mode}, POST {kind}", floors[mode, kind])
 
-    with server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(tmp_path / "load.db")) as (process, port):
+    with server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(tmp_path / "load.db")) as (process, port, _):
         for kind in ("heartbeat", "stats"):
             figures = best_of_three(port, lambda: telemetry_load(kind))
             report(f"fleetmon POST {kind}", figures)
@@ -1083,6 +1077,6 @@ def test_benchmark(tmp_path):
     for per_device in (1_000, 1_000_000):
         database = tmp_path / f"{per_device}.db"
         row_size = fill_heartbeats(database, per_device)
-        with server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(database)) as (_, port):
+        with server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(database)) as (_, port, _):
             report(f"GET stats, {per_device:,} heartbeats stored", best_of_three(port, lambda: [[("GET", stats_url(), None)] * 2_000]))
     print(f"{'database size per stored heartbeat minute':<48} {row_size:.0f} bytes")
