@@ -654,7 +654,7 @@ def test_database_is_in_wal_mode(app):
 
 
 def test_simulator_day_over_waitress_with_16_threads(app):
-    """The simulator's day for all five devices, spread over 16 keep-alive clients, so
+    """The simulator's day for all five devices, spread over 16 clients, so
     every device is written from several threads at once; then the published table."""
     requests = [request for device_id in SIMULATOR_DAY for request in simulator_day(device_id)]
     random.Random(16).shuffle(requests)
@@ -984,7 +984,10 @@ def peak_memory_mb(process):
 
 
 def run_load(port, requests_by_client):
-    """Send each client's (method, path, body) list over its own keep-alive connection.
+    """Send each client's (method, path, body) list over its own connection.
+
+    http.client opens it again whenever the server closes it, as waitress does after
+    every 204 (see README.md, "Performance and limits").
 
     Returns (requests per second, p50 ms, p99 ms, answers other than 2xx).
     """
@@ -1063,7 +1066,7 @@ def test_benchmark(tmp_path):
         print(f"{name:<48} {rate:6.0f} req/s   p50 {p50:5.2f} ms   p99 {p99:5.2f} ms   errors {errors}")
 
     print(f"\nfleetmon benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
-          f"16 keep-alive clients, waitress threads={fleetmon.WAITRESS_THREADS}, best of 3 interleaved runs")
+          f"16 clients, waitress threads={fleetmon.WAITRESS_THREADS}, best of 3 interleaved runs")
     threads = str(fleetmon.WAITRESS_THREADS)
     with server_process("-c", FLOOR_APP, threads, "nothing") as (_, nothing_port, _), \
             server_process("-c", FLOOR_APP, threads, "commit") as (_, commit_port, _), \
