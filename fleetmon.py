@@ -36,7 +36,8 @@ DEFAULT_PORT = 6733
 MAX_BODY_BYTES = 64 * 1024
 INT64_MAX = 2**63 - 1
 # How long a statement waits for another connection's write lock (another process on
-# the same database, say) before it fails. A write holds the lock for well under 1 ms.
+# the same database, say) before it fails. A write holds the lock for microseconds,
+# a checkpoint of the WAL for milliseconds.
 BUSY_TIMEOUT_SECONDS = 10
 # One worker thread: Python runs one thread at a time and SQLite takes one writer at a
 # time, so more threads only add hand-offs between them (16 clients posting heartbeats:

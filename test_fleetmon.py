@@ -104,12 +104,10 @@ def simulator_day(device_id):
     uploads = [mean + sign * step * 7_919_113 for step in range(50) for sign in (1, -1)]
     uploads[0] += 37
     requests = [
-        (f"/api/v1/devices/{device_id}/heartbeat",
-         {"sent_at": rfc3339(SIMULATOR_START + timedelta(minutes=m, seconds=17))})
+        (heartbeat_url(device_id), {"sent_at": rfc3339(SIMULATOR_START + timedelta(minutes=m, seconds=17))})
         for m in minutes
     ] + [
-        (f"/api/v1/devices/{device_id}/stats",
-         {"sent_at": rfc3339(SIMULATOR_START + timedelta(minutes=4 * i)), "upload_time": ns})
+        (stats_url(device_id), {"sent_at": rfc3339(SIMULATOR_START + timedelta(minutes=4 * i)), "upload_time": ns})
         for i, ns in enumerate(uploads)
     ]
     random.Random(device_id).shuffle(requests)  # arrival order must not matter
@@ -914,8 +912,8 @@ def test_any_json_as_body(app, client, path, body):
 def test_any_device_id(app, client, device_id):
     before = stored(app)
     quoted = urllib.parse.quote(device_id, safe="")
-    for method, path in (("post", f"/api/v1/devices/{quoted}/heartbeat"), ("post", f"/api/v1/devices/{quoted}/stats"),
-                         ("get", f"/api/v1/devices/{quoted}/stats"), ("get", f"/debug/stats/{quoted}")):
+    for method, path in (("post", heartbeat_url(quoted)), ("post", stats_url(quoted)),
+                         ("get", stats_url(quoted)), ("get", f"/debug/stats/{quoted}")):
         response = getattr(client, method)(path, json={"sent_at": "2024-01-01T10:04:00Z", "upload_time": 1})
         assert response.status_code == 404
         assert response.content_type == "application/json"
@@ -1017,6 +1015,7 @@ def telemetry_load(kind, run, clients=16, per_client=1_000):
     """Heartbeats (each in a minute not yet stored, so each one writes) or uploads,
     spread over the devices: one list of requests for each client."""
     devices = sorted(SIMULATOR_DAY)
+    url = heartbeat_url if kind == "heartbeat" else stats_url
 
     def body(client, n):
         minute = (run * clients + client) * per_client + n
@@ -1024,7 +1023,7 @@ def telemetry_load(kind, run, clients=16, per_client=1_000):
         return json.dumps({"sent_at": sent_at, "upload_time": 187_893_379_134} if kind == "stats" else {"sent_at": sent_at})
 
     return [
-        [("POST", f"/api/v1/devices/{devices[client % 5]}/{kind}", body(client, n)) for n in range(per_client)]
+        [("POST", url(devices[client % 5]), body(client, n)) for n in range(per_client)]
         for client in range(clients)
     ]
 
