@@ -169,7 +169,7 @@ GO_DURATIONS = [
     (0, "0s"),
     (1, "1ns"),
     (999, "999ns"),
-    (1_000, "1µs"),
+    (1_000, "1\u00b5s"),  # the micro sign, as Go writes it, not the Greek mu U+03BC
     (1_500, "1.5µs"),
     (1_001, "1.001µs"),
     (999_999, "999.999µs"),
@@ -200,10 +200,6 @@ GO_DURATIONS = [
 @pytest.mark.parametrize(("ns", "text"), GO_DURATIONS)
 def test_format_duration_matches_go(ns, text):
     assert format_duration(ns) == text
-
-
-def test_format_duration_uses_the_micro_sign():
-    assert format_duration(1_500) == "1.5\u00b5s"  # U+00B5, as Go writes it, not U+03BC
 
 
 @pytest.mark.parametrize(
