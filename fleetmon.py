@@ -275,12 +275,23 @@ def read_listed_stats(db: sqlite3.Connection, after: str, limit: int) -> list[sq
     ).fetchall()
 
 
-def read_fleet_totals(db: sqlite3.Connection) -> list[sqlite3.Row]:
-    """What the fleet summary is made of: every listed device's aggregates."""
-    return db.execute(
-        "SELECT online_minutes, first_minute, last_minute, upload_count, upload_total_ns"
-        " FROM device_stats JOIN listed_devices USING (device_id)"
+def read_fleet_summary(db: sqlite3.Connection) -> tuple[sqlite3.Row, list[float]]:
+    """Counts and sums over the listed devices, and the uptimes of those that sent something."""
+    reporting = "online_minutes > 0 OR upload_count > 0"
+    totals = db.execute(
+        f"""
+        SELECT count(*) AS known, count(*) FILTER (WHERE {reporting}) AS reporting,
+               max(last_minute) AS newest_minute, sum(upload_count) AS uploads,
+               -- in two halves, so that neither sum can overflow SQLite's 64-bit integers
+               sum(upload_total_ns >> 32) AS total_high, sum(upload_total_ns & 0xffffffff) AS total_low
+        FROM device_stats JOIN listed_devices USING (device_id)
+        """
+    ).fetchone()
+    uptimes = db.execute(
+        "SELECT uptime_percent(online_minutes, first_minute, last_minute)"
+        f" FROM device_stats JOIN listed_devices USING (device_id) WHERE {reporting}"
     ).fetchall()
+    return totals, [uptime for (uptime,) in uptimes]
 
 
 def read_worst_first(db: sqlite3.Connection, text: str, offset: int, limit: int) -> tuple[int, list[sqlite3.Row]]:
@@ -625,7 +636,7 @@ def fleet_page(text: str, page: int):
 
     return render_template(
         "fleet.html",
-        summary=fleet_summary(read_fleet_totals(db)),
+        summary=fleet_summary(*read_fleet_summary(db)),
         rows=[fleet_row(db, row) for row in rows],
         q=text,
         page=page,
@@ -637,21 +648,15 @@ def fleet_page(text: str, page: int):
     )
 
 
-def fleet_summary(totals: list[sqlite3.Row]) -> dict:
-    reporting = [row for row in totals if row["online_minutes"] or row["upload_count"]]
-    uploads = sum(row["upload_count"] for row in reporting)
-    newest = max((row["last_minute"] for row in reporting if row["online_minutes"]), default=None)
+def fleet_summary(totals: sqlite3.Row, uptimes: list[float]) -> dict:
+    total_ns = (totals["total_high"] << 32) + totals["total_low"] if totals["uploads"] else 0
     return {
-        "known": len(totals),
-        "reporting": len(reporting),
-        "silent": len(totals) - len(reporting),
-        "median_uptime": statistics.median(
-            uptime_percent(row["online_minutes"], row["first_minute"], row["last_minute"]) for row in reporting
-        ) if reporting else None,
-        "mean_upload_time": format_duration(
-            mean_ns(sum(row["upload_total_ns"] for row in reporting), uploads)
-        ) if uploads else None,
-        "newest_heartbeat": minute_to_rfc3339(newest) if newest is not None else None,
+        "known": totals["known"],
+        "reporting": totals["reporting"],
+        "silent": totals["known"] - totals["reporting"],
+        "median_uptime": statistics.median(uptimes) if uptimes else None,
+        "mean_upload_time": format_duration(mean_ns(total_ns, totals["uploads"])) if totals["uploads"] else None,
+        "newest_heartbeat": minute_to_rfc3339(totals["newest_minute"]) if totals["newest_minute"] is not None else None,
     }
 
 
