@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import re
+import socket
 import sqlite3
 import statistics
 import sys
@@ -137,9 +138,13 @@ def connect(database: Path) -> sqlite3.Connection:
         database, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
     )
     db.row_factory = sqlite3.Row
-    # In WAL mode, NORMAL still makes every commit survive the process being killed;
-    # only a power cut or OS crash can take back the last few.
-    db.execute("PRAGMA synchronous = NORMAL")
+    try:
+        # In WAL mode, NORMAL still makes every commit survive the process being killed;
+        # only a power cut or OS crash can take back the last few.
+        db.execute("PRAGMA synchronous = NORMAL")
+    except sqlite3.Error:  # a file that is not a database, say
+        db.close()
+        raise
     return db
 
 
@@ -783,10 +788,15 @@ class FleetmonChannel(HTTPChannel):
 
 
 def create_server(app: Flask, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
-    """A waitress server for app, with fleetmon's settings and channel."""
+    """A waitress server for app, with fleetmon's settings and channel.
+
+    Raises OSError, leaving nothing open, if it cannot listen on host:port. (Asked to
+    bind, waitress would leave its socket and worker thread behind when it cannot.)
+    """
+    listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     # With one worker thread requests queue by design; waitress would warn of every queue.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    server = waitress.create_server(app, host=host, port=port, **WAITRESS_SETTINGS)
+    server = waitress.create_server(app, sockets=[listener], **WAITRESS_SETTINGS)
     server.channel_class = FleetmonChannel  # where waitress lets a server choose it
     return server
 

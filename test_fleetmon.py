@@ -1,70 +1,96 @@
-"""fleetmon's tests: the pure maths, every answer of the HTTP API, storage, and a real
-waitress server under concurrent load and kill -9.
+"""fleetmon's tests: the pure maths, every answer of the HTTP API as the spec's examples,
+storage, and fleetmon's own waitress server under concurrent load and kill -9.
 
-Run with ``python -m pytest``. ``FLEETMON_BENCHMARK=1 python -m pytest -k benchmark -s``
-runs the benchmark instead (see README.md, "Performance and limits").
+Run with ``python -m pytest``.
 """
 
-import http.client
+import base64
+import html
+import importlib.metadata
 import json
 import os
-import re
+import queue
 import random
+import re
+import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from contextlib import ExitStack, closing, contextmanager, suppress
+from datetime import datetime, timedelta
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
-import openapi_spec_validator
 import pytest
-import schemathesis
 import waitress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from waitress import wasyncore
 
 import fleetmon
 from fleetmon import (
     INT64_MAX,
+    PUBLISHED_DAYS,
     StartupError,
     create_app,
     format_duration,
     load_device_ids,
     mean_ns,
     minute_to_rfc3339,
+    simulated_day,
     uptime_percent,
     utc_minute,
 )
 
 HERE = Path(__file__).resolve().parent
+DEVICES_CSV = HERE / "devices.csv"
 DEVICE = "60-6b-44-84-dc-64"
 OTHER_DEVICE = "b4-45-52-a2-f1-3c"
 
-# What the device simulator publishes for a day of telemetry: heartbeats sent over a
-# 480-minute span, then uptime as it prints it and the mean upload time it compares.
-SIMULATOR_DAY = {
-    "60-6b-44-84-dc-64": (479, "99.79167", "3m7.893379134s"),
-    "b4-45-52-a2-f1-3c": (480, "100.00000", "3m19.085533836s"),
-    "26-9a-66-01-33-83": (446, "92.91667", "3m21.858747766s"),
-    "18-b8-87-e7-1f-06": (474, "98.75000", "3m17.331667813s"),
-    "38-4e-73-e0-33-59": (479, "99.79167", "3m29.226522788s"),
-}
-SIMULATOR_START = datetime(2024, 1, 1, 10, 0, tzinfo=timezone.utc)
+# One randomness policy for the whole suite: the property tests, like every other test,
+# run the same examples on every run (derandomize), so that CI cannot fail one day on a
+# rare example and pass the next, and a failure comes back when the suite is run again.
+# Looking for new examples is a deliberate, local act:
+#     FLEETMON_HYPOTHESIS=explore python -m pytest -k any_
+# runs ten times the examples, new ones each run, and keeps any that fails in .hypothesis/
+# to try first next time. (An environment variable: pytest reads --hypothesis-profile
+# before this module registers its profiles.) No deadline in either: it is a timing assert.
+# The property tests reuse one app across examples on purpose (see "Hostile input").
+SHARED_SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
+settings.register_profile("repeatable", derandomize=True, max_examples=150, **SHARED_SETTINGS)
+settings.register_profile("explore", max_examples=1_500, **SHARED_SETTINGS)
+settings.load_profile(os.environ.get("FLEETMON_HYPOTHESIS", "repeatable"))
+
+# A thread that dies of an exception (waitress's loop, a client) fails its test, not just warns.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 
 # --- Fixtures and helpers -----------------------------------------------------------
 
 
+@contextmanager
+def open_app(database, devices_csv=DEVICES_CSV):
+    """create_app, closed after: whoever creates an app closes its connections."""
+    app = create_app(database=database, devices_csv=devices_csv)
+    try:
+        yield app
+    finally:
+        fleetmon.close_storage(app)
+
+
 @pytest.fixture
 def app(tmp_path):
-    app = create_app(database=tmp_path / "fleetmon.db", devices_csv=HERE / "devices.csv")
-    app.config["TESTING"] = True
-    return app
+    with open_app(tmp_path / "fleetmon.db") as app:
+        app.config["TESTING"] = True
+        yield app
 
 
 @pytest.fixture
@@ -80,91 +106,106 @@ def stats_url(device_id=DEVICE):
     return f"/api/v1/devices/{device_id}/stats"
 
 
+def heartbeat(sent_at, device_id=DEVICE):
+    return heartbeat_url(device_id), {"sent_at": sent_at}
+
+
+def upload(upload_time, sent_at="2024-01-01T10:04:00Z", device_id=DEVICE, **more_fields):
+    return stats_url(device_id), {"sent_at": sent_at, "upload_time": upload_time, **more_fields}
+
+
+def send(client, *requests):
+    """POST each (path, body), asserting the 204: a test never builds on a refused write."""
+    for path, body in requests:
+        response = client.post(path, json=body)
+        assert response.status_code == 204, (path, body, response.get_json())
+
+
+def send_day(client, telemetry):
+    send(client, *((event.path, event.body) for event in telemetry))
+
+
+def write(path, content):
+    path.write_bytes(content)
+    return path
+
+
 def stored(app, tables=("heartbeat_minutes", "uploads", "device_stats")):
     """What the database holds, to show that a rejected request changed nothing."""
-    with sqlite3.connect(app.config["DATABASE"]) as db:
+    # sqlite3's `with connect(...)` commits or rolls back but never closes the
+    # connection; closing() does, as every test here must (3.13 warns of one left open).
+    with closing(sqlite3.connect(app.config["DATABASE"])) as db:
         return {table: db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in tables}
 
 
-def rfc3339(moment):
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def simulator_day(device_id):
-    """(path, body) requests that give the published stats for one device.
-
-    Heartbeats: the first and last minute of the 480-minute span and as many in
-    between as the simulator reports. Uploads: 100 around the published mean whose
-    total is 37 ns over 100 means, so only truncating division gives that mean.
-    """
-    heartbeats, _, mean_text = SIMULATOR_DAY[device_id]
-    missing = set(random.Random(device_id).sample(range(1, 480), 481 - heartbeats))
-    minutes = [m for m in range(481) if m not in missing]
-    mean = parse_go_duration(mean_text)
-    uploads = [mean + sign * step * 7_919_113 for step in range(50) for sign in (1, -1)]
-    uploads[0] += 37
-    requests = [
-        (heartbeat_url(device_id), {"sent_at": rfc3339(SIMULATOR_START + timedelta(minutes=m, seconds=17))})
-        for m in minutes
-    ] + [
-        (stats_url(device_id), {"sent_at": rfc3339(SIMULATOR_START + timedelta(minutes=4 * i)), "upload_time": ns})
-        for i, ns in enumerate(uploads)
-    ]
-    random.Random(device_id).shuffle(requests)  # arrival order must not matter
-    return requests
-
-
-def parse_go_duration(text):
-    """'3m7.893379134s' -> nanoseconds; enough of Go's syntax for the table above."""
-    minutes, seconds = text.rstrip("s").split("m")
-    whole, fraction = seconds.split(".")
-    return (int(minutes) * 60 + int(whole)) * 10**9 + int(fraction.ljust(9, "0"))
+def http_request(connection, method, path, body=None):
+    connection.request(method, path, body=None if body is None else json.dumps(body))
+    response = connection.getresponse()
+    return response.status, response.read()
 
 
 @contextmanager
-def waitress_server(app, threads=4):
-    """A real waitress server for app on a free loopback port, in this process."""
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
-    runner = threading.Thread(target=server.run, daemon=True)
-    runner.start()
+def running(server):
+    """Run a waitress server in a thread, and stop it cleanly after."""
+    loop = threading.Thread(target=server.run, name="waitress loop")
+    loop.start()
     try:
-        yield server.effective_port
+        yield server
     finally:
-        server.close()
+        # Closed by its own loop, between two select() calls: closed from this thread,
+        # its sockets could vanish under a select() still watching them (EBADF). With
+        # every socket closed, its map (waitress keeps it in _map) is empty: the loop returns.
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        loop.join(timeout=30)
         server.task_dispatcher.shutdown()
-        runner.join(timeout=10)
+        assert not loop.is_alive(), "waitress's loop did not stop"
 
 
 @contextmanager
-def server_process(*args):
-    """Run Python with args as a server that prints where it listens.
+def waitress_server(app):
+    """fleetmon's own waitress server for app on a free loopback port; yields the port."""
+    with running(fleetmon.create_server(app, "127.0.0.1", 0)) as server:
+        yield server.effective_port
 
-    Yields the process, its port, and what it printed up to then.
+
+def read_lines(stream, lines):
+    for line in stream:
+        lines.put(line)
+    lines.put(None)  # the end of its output
+
+
+@contextmanager
+def server_process(*args, start_timeout=60):
+    """`python fleetmon.py *args`, until it prints where it listens.
+
+    Yields the process, its port and what it printed; kills it after. A pipe's
+    readline() cannot time out on every system (Windows has no select() on pipes), so a
+    thread reads the lines into a queue, which can, and keeps reading while it runs.
     """
-    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, str(HERE / "fleetmon.py"), *args], stdout=subprocess.PIPE, text=True)
+    lines = queue.Queue()
+    reader = threading.Thread(target=read_lines, args=(process.stdout, lines), name="server output")
+    reader.start()
     try:
         printed = []
         while not printed or "listening on" not in printed[-1]:
-            printed.append(process.stdout.readline())
-            assert printed[-1], f"the server stopped before listening: {printed}"
-        yield process, int(re.search(r"http://127\.0\.0\.1:(\d+)", printed[-1]).group(1)), printed
+            try:
+                printed.append(lines.get(timeout=start_timeout))
+            except queue.Empty:
+                pytest.fail(f"no start line within {start_timeout} s: {printed}")
+            assert printed[-1] is not None, f"the server stopped before listening: {printed}"
+        yield process, int(re.search(r"http://127\.0\.0\.1:(\d+)/", printed[-1]).group(1)), printed
     finally:
         process.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no clean shutdown
         process.wait()
+        reader.join()
         process.stdout.close()
-
-
-def http_request(connection, method, path, body=None):
-    payload = None if body is None else json.dumps(body)
-    connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
-    response = connection.getresponse()
-    return response.status, response.read()
 
 
 # --- Maths: Go's time.Duration.String() ----------------------------------------------
 
 # Each right-hand side is what Go prints for time.Duration(left).String() (checked
-# against go1.19).
+# against go1.19), the vendor's simulator's published means included.
 GO_DURATIONS = [
     (0, "0s"),
     (1, "1ns"),
@@ -182,7 +223,6 @@ GO_DURATIONS = [
     (59_999_999_999, "59.999999999s"),
     (60_000_000_000, "1m0s"),
     (61_000_000_000, "1m1s"),
-    (187_893_379_134, "3m7.893379134s"),
     (3_599_999_999_999, "59m59.999999999s"),
     (3_600_000_000_000, "1h0m0s"),
     (3_723_000_000_001, "1h2m3.000000001s"),
@@ -194,6 +234,7 @@ GO_DURATIONS = [
     (-1_500, "-1.5µs"),
     (-3_600_000_000_000, "-1h0m0s"),
     (-(2**63), "-2562047h47m16.854775808s"),
+    *((published.mean_ns, published.avg_upload_time) for published in PUBLISHED_DAYS.values()),
 ]
 
 
@@ -211,7 +252,7 @@ def test_mean_ns_truncates(total_ns, count, mean):
     assert mean_ns(total_ns, count) == mean
 
 
-# --- Maths: uptime ---------------------------------------------------------------------
+# --- Maths: uptime and sent_at --------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -219,7 +260,7 @@ def test_mean_ns_truncates(total_ns, count, mean):
     [
         (0, None, None, 0.0),  # uploads only
         (1, 1000, 1000, 100.0),  # one online minute
-        (479, 0, 480, 479 / 480 * 100),  # the span is exclusive: not 479 / 481
+        (479, 0, 480, 99.79166666666667),  # the span is exclusive (not 479 / 481); not rounded
         (446, 0, 480, 446 / 480 * 100),
         (480, 0, 480, 100.0),
         (481, 0, 480, 100.0),  # online in every minute of the span: capped
@@ -229,14 +270,6 @@ def test_mean_ns_truncates(total_ns, count, mean):
 )
 def test_uptime_percent(online, first, last, uptime):
     assert uptime_percent(online, first, last) == uptime
-
-
-def test_uptime_is_not_rounded():
-    assert uptime_percent(479, 0, 480) == 99.79166666666667
-    assert f"{uptime_percent(479, 0, 480):.5f}" == "99.79167"
-
-
-# --- Maths: sent_at --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -309,7 +342,7 @@ def test_minute_to_rfc3339_inverts_utc_minute(text):
 
 
 def test_the_shipped_devices_are_the_simulators(app):
-    assert app.config["DEVICE_IDS"] == set(SIMULATOR_DAY)
+    assert app.config["DEVICE_IDS"] == set(PUBLISHED_DAYS)
 
 
 def test_load_device_ids_tolerates_what_spreadsheets_write(tmp_path):
@@ -321,154 +354,148 @@ def test_load_device_ids_tolerates_what_spreadsheets_write(tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (None, "cannot read devices file"),
-        (b"", "has no device_id column"),
-        (b"id\n60-6b-44-84-dc-64\n", "has no device_id column"),
-        (b"device_id\n\xff\xfe\n", "is not UTF-8 text"),
+        (None, "cannot read devices file {path}: No such file or directory"),
+        (b"", "devices file {path} has no device_id column in its first line"),
+        (b"id\n60-6b-44-84-dc-64\n", "devices file {path} has no device_id column in its first line"),
+        (b"device_id\n\xff\xfe\n", "devices file {path} is not UTF-8 text"),
+        (b"device_id\n", "devices file {path} lists no devices under device_id"),
+        (b"name,device_id\nA, \n\nB\n", "devices file {path} lists no devices under device_id"),
+        (b"device_id\naa-01\n\nbb/02\n",
+         "devices file {path}, line 4: device id 'bb/02' contains '/', which no URL can carry"),
     ],
 )
-def test_load_device_ids_refuses_a_missing_or_wrong_file(tmp_path, content, message):
+def test_load_device_ids_refuses_a_file_it_cannot_serve(tmp_path, content, message):
     path = tmp_path / "devices.csv"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(StartupError, match=message):
+    with pytest.raises(StartupError) as refused:
         load_device_ids(path)
+    assert str(refused.value) == message.format(path=path)
 
 
 def test_a_bad_devices_file_stops_the_start_with_one_line(tmp_path):
     missing = tmp_path / "nowhere.csv"
     run = subprocess.run(
         [sys.executable, str(HERE / "fleetmon.py"), "--devices", str(missing), "--db", str(tmp_path / "x.db")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
-    assert run.returncode == 1
+    assert (run.returncode, run.stdout) == (1, "")
     assert run.stderr == f"fleetmon: cannot read devices file {missing}: No such file or directory\n"
-    assert run.stdout == ""
 
 
 # --- HTTP: the three contract endpoints ------------------------------------------------
 
 
-def test_heartbeat_is_stored_and_answered_with_an_empty_204(app, client):
+def test_a_heartbeat_is_an_empty_204_and_marks_its_utc_minute_online(app, client):
     response = client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:04:31+02:00"})
-    assert response.status_code == 204
-    assert response.data == b""
+    assert (response.status_code, response.data) == (204, b"")
     assert "Content-Type" not in response.headers
     assert stored(app)["heartbeat_minutes"] == [(DEVICE, utc_minute("2024-01-01T08:04:00Z"))]
 
 
-def test_upload_is_stored_as_sent(app, client):
-    body = {"sent_at": "2024-01-01T10:04:00.123456789-05:00", "upload_time": 187_893_379_134}
-    response = client.post(stats_url(), json=body)
-    assert response.status_code == 204
-    assert response.data == b""
+def test_an_upload_is_an_empty_204_and_stored_as_sent(app, client):
+    response = client.post(stats_url(), json={"sent_at": "2024-01-01T10:04:00.123456789-05:00",
+                                              "upload_time": 187_893_379_134})
+    assert (response.status_code, response.data) == (204, b"")
     assert stored(app)["uploads"] == [(1, DEVICE, "2024-01-01T10:04:00.123456789-05:00", 187_893_379_134)]
 
 
-def test_stats_are_204_until_a_device_sends_something(client):
+def test_stats_are_an_empty_204_until_the_device_sends_something(client):
     response = client.get(stats_url())
-    assert response.status_code == 204
-    assert response.data == b""
+    assert (response.status_code, response.data) == (204, b"")
 
 
-def test_stats_after_heartbeats_and_uploads(client):
-    for minute in ("10:00", "10:01", "10:01", "10:03", "10:04"):
-        assert client.post(heartbeat_url(), json={"sent_at": f"2024-01-01T{minute}:00Z"}).status_code == 204
-    for upload_time in (1_000, 2_001):
-        body = {"sent_at": "2024-01-01T10:02:00Z", "upload_time": upload_time}
-        assert client.post(stats_url(), json=body).status_code == 204
+@pytest.mark.parametrize(
+    ("telemetry", "stats"),
+    [
+        pytest.param(
+            [heartbeat("2024-01-01T10:00:00Z"), heartbeat("2024-01-01T10:01:00Z"), heartbeat("2024-01-01T10:04:00Z"),
+             upload(1_000), upload(2_001)],
+            {"uptime": 75.0, "avg_upload_time": "1.5µs"},
+            id="uptime is online minutes over the span, the mean is truncated and printed as Go does",
+        ),
+        pytest.param(
+            [heartbeat("2024-01-01T10:00:00Z"), heartbeat("2024-01-01T10:00:59.999Z"),
+             heartbeat("2024-01-01T11:00:30+01:00"), heartbeat("2024-01-01T10:10:00Z"),
+             heartbeat("2024-01-01T10:10:00Z")],
+            {"uptime": 2 / 10 * 100, "avg_upload_time": "0s"},
+            id="a retried heartbeat, or another in the same UTC minute, counts once",
+        ),
+        pytest.param(
+            [heartbeat("2024-01-01T10:00:00Z"), heartbeat("2024-01-01T10:04:00Z"),
+             upload(60_000_000_000, "2024-01-01T12:00:00Z"), upload(0, "2024-01-01T10:02:00Z")],
+            {"uptime": 2 / 4 * 100, "avg_upload_time": "30s"},
+            id="an upload's sent_at is no heartbeat",
+        ),
+        pytest.param([heartbeat("2024-01-01T10:00:00Z")], {"uptime": 100.0, "avg_upload_time": "0s"},
+                     id="heartbeats only: one online minute is 100, the mean 0s"),
+        pytest.param([upload(3_723_000_000_001)], {"uptime": 0.0, "avg_upload_time": "1h2m3.000000001s"},
+                     id="uploads only: uptime 0"),
+        pytest.param([upload(0)], {"uptime": 0.0, "avg_upload_time": "0s"}, id="the least upload_time, 0"),
+        pytest.param([upload(INT64_MAX)], {"uptime": 0.0, "avg_upload_time": "2562047h47m16.854775807s"},
+                     id="the greatest upload_time, 2^63 - 1"),
+        pytest.param([upload(7, firmware={"v": [1, 2]})], {"uptime": 0.0, "avg_upload_time": "7ns"},
+                     id="unknown fields are ignored"),
+    ],
+)
+def test_stats(client, telemetry, stats):
+    send(client, *telemetry)
     response = client.get(stats_url())
-    assert response.status_code == 200
-    assert response.content_type == "application/json"
-    assert response.get_json() == {"uptime": 100.0, "avg_upload_time": "1.5µs"}
+    assert (response.status_code, response.content_type) == (200, "application/json")
+    assert response.get_json() == stats
 
 
-def test_uptime_is_a_full_precision_json_number(client):
-    for minute in [m for m in range(481) if m not in (100, 200)]:  # 479 online, 480-minute span
-        sent_at = rfc3339(SIMULATOR_START + timedelta(minutes=minute))
-        client.post(heartbeat_url(), json={"sent_at": sent_at})
-    assert b'"uptime":99.79166666666667' in client.get(stats_url()).data
-
-
-def test_retried_heartbeats_in_one_minute_count_once(app, client):
-    for sent_at in ("2024-01-01T10:00:00Z", "2024-01-01T10:00:59.999Z", "2024-01-01T11:00:30+01:00",
-                    "2024-01-01T10:10:00Z", "2024-01-01T10:10:00Z"):
-        assert client.post(heartbeat_url(), json={"sent_at": sent_at}).status_code == 204
-    assert client.get(stats_url()).get_json()["uptime"] == 2 / 10 * 100
-    assert len(stored(app)["heartbeat_minutes"]) == 2
-
-
-def test_arrival_order_does_not_matter(tmp_path):
-    minutes = [0, 3, 4, 9, 10, 30]
-    answers = []
-    for order in (minutes, minutes[::-1], [9, 0, 30, 4, 10, 3]):
-        app = create_app(database=tmp_path / f"{order}.db", devices_csv=HERE / "devices.csv")
-        client = app.test_client()
-        for minute in order:
-            client.post(heartbeat_url(), json={"sent_at": rfc3339(SIMULATOR_START + timedelta(minutes=minute))})
-        answers.append(client.get(stats_url()).get_json())
-    assert answers == [{"uptime": 6 / 30 * 100, "avg_upload_time": "0s"}] * 3
-
-
-def test_upload_sent_at_is_no_heartbeat(client):
-    client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:00:00Z"})
-    client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:04:00Z"})
-    client.post(stats_url(), json={"sent_at": "2024-01-01T12:00:00Z", "upload_time": 60_000_000_000})
-    client.post(stats_url(), json={"sent_at": "2024-01-01T10:02:00Z", "upload_time": 0})
-    assert client.get(stats_url()).get_json() == {"uptime": 2 / 4 * 100, "avg_upload_time": "30s"}
-
-
-def test_uploads_only_give_zero_uptime(client):
-    client.post(stats_url(), json={"sent_at": "2024-01-01T10:00:00Z", "upload_time": 3_723_000_000_001})
-    assert client.get(stats_url()).get_json() == {"uptime": 0.0, "avg_upload_time": "1h2m3.000000001s"}
-
-
-def test_heartbeats_only_give_0s_average(client):
-    client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:00:00Z"})
-    assert client.get(stats_url()).get_json() == {"uptime": 100.0, "avg_upload_time": "0s"}
+@pytest.mark.parametrize("order", ["as sent", "reversed", "shuffled"])
+def test_arrival_order_does_not_matter(client, order):
+    """The simulator's day, retries and a few out of order included, gives its published
+    stats whatever order it arrives in; uptime at full precision, as a JSON number."""
+    day = simulated_day(DEVICE)
+    send_day(client, {"as sent": day, "reversed": day[::-1], "shuffled": random.Random(0).sample(day, len(day))}[order])
+    published = PUBLISHED_DAYS[DEVICE]
+    assert client.get(stats_url()).get_json() == {"uptime": published.heartbeats / 480 * 100,
+                                                  "avg_upload_time": published.avg_upload_time}
 
 
 def test_devices_are_kept_apart(client):
-    client.post(stats_url(), json={"sent_at": "2024-01-01T10:00:00Z", "upload_time": 5})
+    send(client, upload(5, device_id=DEVICE))
+    assert client.get(stats_url(DEVICE)).status_code == 200
     assert client.get(stats_url(OTHER_DEVICE)).status_code == 204
 
 
-def test_body_is_json_whatever_the_content_type(client):
-    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
-        headers = {"Content-Type": content_type} if content_type else {}
-        response = client.post(heartbeat_url(), data='{"sent_at": "2024-01-01T10:04:00Z"}', headers=headers)
-        assert response.status_code == 204
-
-
-def test_unknown_fields_are_ignored(client):
-    body = {"sent_at": "2024-01-01T10:04:00Z", "upload_time": 7, "firmware": {"v": [1, 2]}}
-    assert client.post(stats_url(), json=body).status_code == 204
-    assert client.get(stats_url()).get_json()["avg_upload_time"] == "7ns"
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_the_body_is_json_whatever_its_content_type(client, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post(heartbeat_url(), data='{"sent_at": "2024-01-01T10:04:00Z"}', headers=headers)
+    assert response.status_code == 204
 
 
 # --- HTTP: errors ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "url"), [("POST", heartbeat_url), ("POST", stats_url), ("GET", stats_url)])
-@pytest.mark.parametrize("device_id", ["unknown", "60-6b-44-84-dc-6", "60-6B-44-84-DC-64", " 60-6b-44-84-dc-64"])
-def test_unknown_device_is_404_whatever_the_body(client, method, url, device_id):
-    response = client.open(url(device_id), method=method, data=b"not json at all")
-    assert response.status_code == 404
-    assert response.get_json() == {"msg": "device not found"}
+@pytest.mark.parametrize(
+    "device_id",
+    ["unknown", "60-6b-44-84-dc-6", "60-6B-44-84-DC-64", " 60-6b-44-84-dc-64", "'; DROP TABLE device_stats; --",
+     "60-6b-44-84-dc-64' OR '1'='1", "%", "_" * 17, "x" * 5_000, "é", "\x00"],
+)
+def test_an_unknown_device_is_404_before_the_body_is_read(client, device_id):
+    for method, path in (("POST", heartbeat_url(device_id)), ("POST", stats_url(device_id)),
+                         ("GET", stats_url(device_id)), ("GET", f"/debug/stats/{device_id}")):
+        response = client.open(path, method=method, data=b"not json at all")
+        assert (response.status_code, response.get_json()) == (404, {"msg": "device not found"})
 
 
 @pytest.mark.parametrize(
     ("path", "method", "allow"),
     [
-        ("/api/v1/devices/60-6b-44-84-dc-64/heartbeat", "get", "OPTIONS, POST"),
-        ("/api/v1/devices/60-6b-44-84-dc-64/heartbeat", "put", "OPTIONS, POST"),
-        ("/api/v1/devices/unknown/heartbeat", "delete", "OPTIONS, POST"),  # 405 before 404
-        ("/api/v1/devices/60-6b-44-84-dc-64/stats", "patch", "GET, HEAD, OPTIONS, POST"),
-        ("/openapi.json", "post", "GET, HEAD, OPTIONS"),
+        ("/api/v1/devices/60-6b-44-84-dc-64/heartbeat", "GET", "OPTIONS, POST"),
+        ("/api/v1/devices/60-6b-44-84-dc-64/heartbeat", "PUT", "OPTIONS, POST"),
+        ("/api/v1/devices/unknown/heartbeat", "DELETE", "OPTIONS, POST"),  # 405 before 404
+        ("/api/v1/devices/60-6b-44-84-dc-64/stats", "PATCH", "GET, HEAD, OPTIONS, POST"),
+        ("/openapi.json", "POST", "GET, HEAD, OPTIONS"),
     ],
 )
-def test_wrong_method_is_405_with_allow(client, path, method, allow):
-    response = getattr(client, method)(path, data=b"not json")
+def test_a_wrong_method_is_405_with_allow(client, path, method, allow):
+    response = client.open(path, method=method, data=b"not json")
     assert response.status_code == 405
     assert response.get_json() == {"msg": "The method is not allowed for the requested URL."}
     assert sorted(response.headers["Allow"].split(", ")) == allow.split(", ")
@@ -477,156 +504,101 @@ def test_wrong_method_is_405_with_allow(client, path, method, allow):
 @pytest.mark.parametrize(
     "path",
     ["/api/v1/devices", "/api/v1/devices/60-6b-44-84-dc-64", "/api/v1/devices/60-6b/44-84-dc-64/stats",
-     "/api/v2/x", "/favicon.ico"],
+     "/api/v1//devices/60-6b-44-84-dc-64/stats", "/api/v2/x", "/favicon.ico"],
 )
-def test_unknown_path_is_404_json(client, path):
+def test_an_unknown_path_is_404_json(client, path):
     response = client.get(path)
-    assert response.status_code == 404
-    assert response.content_type == "application/json"
-    assert "msg" in response.get_json()
+    assert (response.status_code, response.content_type) == (404, "application/json")
+    assert response.get_json()["msg"]
 
 
-BAD_BODIES = [
-    (b"", "body is not valid JSON"),
-    (b"{", "body is not valid JSON"),
-    (b"sent_at=2024-01-01T10:04:00Z", "body is not valid JSON"),
-    (b'{"sent_at": "2024-01-01T10:04:00Z", "x": NaN}', "body is not valid JSON"),
-    (b'{"sent_at": "2024-01-01T10:04:00Z"} {}', "body is not valid JSON"),
-    (b"\xff\xfe{}", "body is not valid JSON"),
-    (b"[" * 60_000, "body is not valid JSON"),
-    (b"null", "body must be a JSON object"),
-    (b"[]", "body must be a JSON object"),
-    (b'"2024-01-01T10:04:00Z"', "body must be a JSON object"),
-    (b"{}", "sent_at is required"),
-    (b'{"sent_At": "2024-01-01T10:04:00Z"}', "sent_at is required"),
-]
-SENT_AT_MESSAGE = "sent_at must be an RFC 3339 date-time with an offset, like 2024-01-01T10:04:00Z"
-BAD_SENT_AT = [None, 1704103440, True, ["2024-01-01T10:04:00Z"], "2024-01-01T10:04:00", "2024-01-01", "yesterday"]
-
-
-@pytest.mark.parametrize("path", [heartbeat_url(), stats_url()])
-@pytest.mark.parametrize(("body", "message"), BAD_BODIES)
-def test_bad_body_is_400_and_stores_nothing(app, client, path, body, message):
+def assert_refused(app, client, path, body, status, msg):
+    """POST body (bytes as they are, anything else as JSON): answered status and
+    {"msg": msg}, and the database as it was."""
     before = stored(app)
-    response = client.post(path, data=body)
-    assert response.status_code == 400
-    assert response.get_json() == {"msg": message}
+    response = client.post(path, data=body if isinstance(body, bytes) else json.dumps(body))
+    assert (response.status_code, response.get_json()) == (status, {"msg": msg})
     assert stored(app) == before
 
 
-@pytest.mark.parametrize("path", [heartbeat_url(), stats_url()])
-@pytest.mark.parametrize("sent_at", BAD_SENT_AT)
-def test_bad_sent_at_is_400_and_stores_nothing(app, client, path, sent_at):
-    before = stored(app)
-    response = client.post(path, json={"sent_at": sent_at, "upload_time": 1})
-    assert response.status_code == 400
-    assert response.get_json() == {"msg": SENT_AT_MESSAGE}
-    assert stored(app) == before
+def refusals(paths, msg, *bodies):
+    return [pytest.param(path, body, msg, id=f"{path.rsplit('/', 1)[1]} {body!r:.80}")
+            for path in paths for body in bodies]
+
+
+BOTH = (heartbeat_url(), stats_url())
+SENT_AT = "2024-01-01T10:04:00Z"
 
 
 @pytest.mark.parametrize(
-    "upload_time", [True, False, 5.0, 1e3, "5", None, -1, INT64_MAX + 1, 10**400, [5], {}]
+    ("path", "body", "msg"),
+    [
+        *refusals(BOTH, "body is not valid JSON", b"", b"{", b"sent_at=2024-01-01T10:04:00Z", b"\xff\xfe{}",
+                  b'{"sent_at": "2024-01-01T10:04:00Z", "x": NaN}', b'{"sent_at": "2024-01-01T10:04:00Z"} {}'),
+        *refusals(BOTH, "body is nested too deeply", b"[" * 60_000),
+        *refusals(BOTH, "body must be a JSON object", b"null", b"[]", b'"2024-01-01T10:04:00Z"'),
+        *refusals(BOTH, "sent_at is required", {}, {"sent_At": SENT_AT}),
+        *refusals(BOTH, "sent_at must be an RFC 3339 date-time with an offset, like 2024-01-01T10:04:00Z",
+                  *({"sent_at": value, "upload_time": 1} for value in
+                    [None, 1704103440, True, [SENT_AT], "2024-01-01T10:04:00", "2024-01-01", "yesterday"])),
+        *refusals([stats_url()], "upload_time is required", {"sent_at": SENT_AT}),
+        *refusals([stats_url()], "upload_time must be an integer number of nanoseconds from 0 to 9223372036854775807",
+                  *({"sent_at": SENT_AT, "upload_time": value} for value in
+                    [True, False, 5.0, 1e3, "5", None, -1, INT64_MAX + 1, 10**400, [5], {}])),
+    ],
 )
-def test_bad_upload_time_is_400_and_stores_nothing(app, client, upload_time):
-    before = stored(app)
-    response = client.post(stats_url(), json={"sent_at": "2024-01-01T10:04:00Z", "upload_time": upload_time})
-    assert response.status_code == 400
-    assert response.get_json() == {
-        "msg": "upload_time must be an integer number of nanoseconds from 0 to 9223372036854775807"
-    }
-    assert stored(app) == before
-
-
-def test_missing_upload_time_is_400_and_stores_nothing(app, client):
-    before = stored(app)
-    response = client.post(stats_url(), json={"sent_at": "2024-01-01T10:04:00Z"})
-    assert response.status_code == 400
-    assert response.get_json() == {"msg": "upload_time is required"}
-    assert stored(app) == before
-
-
-def test_upload_time_limits_are_accepted(client):
-    assert client.post(stats_url(DEVICE), json={"sent_at": "2024-01-01T10:04:00Z", "upload_time": 0}).status_code == 204
-    body = {"sent_at": "2024-01-01T10:04:00Z", "upload_time": INT64_MAX}
-    assert client.post(stats_url(OTHER_DEVICE), json=body).status_code == 204
-    assert client.get(stats_url(DEVICE)).get_json()["avg_upload_time"] == "0s"
-    assert client.get(stats_url(OTHER_DEVICE)).get_json()["avg_upload_time"] == "2562047h47m16.854775807s"
+def test_a_bad_body_is_400_naming_what_is_wrong_and_stores_nothing(app, client, path, body, msg):
+    assert_refused(app, client, path, body, 400, msg)
 
 
 def test_an_upload_that_would_overflow_the_total_is_409_and_stores_nothing(app, client):
-    body = {"sent_at": "2024-01-01T10:04:00Z", "upload_time": INT64_MAX - 1}
-    assert client.post(stats_url(), json=body).status_code == 204
-    before = stored(app)
-    response = client.post(stats_url(), json={"sent_at": "2024-01-01T10:05:00Z", "upload_time": 2})
-    assert response.status_code == 409
-    assert response.get_json() == {
-        "msg": "this upload_time would overflow the device's total upload time "
-               "(9223372036854775807 ns); nothing was stored"
-    }
-    assert stored(app) == before
-    assert client.post(stats_url(), json={"sent_at": "2024-01-01T10:05:00Z", "upload_time": 1}).status_code == 204
+    send(client, upload(INT64_MAX - 1))
+    assert_refused(app, client, stats_url(), {"sent_at": SENT_AT, "upload_time": 2}, 409,
+                   "this upload_time would overflow the device's total upload time (9223372036854775807 ns); "
+                   "nothing was stored")
+    send(client, upload(1))
     assert client.get(stats_url()).get_json()["avg_upload_time"] == format_duration(INT64_MAX // 2)
 
 
-@pytest.mark.parametrize("path", [heartbeat_url(), stats_url()])
-def test_body_limit_is_64_kib(app, client, path):
+@pytest.mark.parametrize("path", BOTH)
+def test_a_body_over_64_kib_is_413_and_stores_nothing(app, client, path):
     def body_of_size(size):
         prefix = b'{"sent_at": "2024-01-01T10:04:00Z", "upload_time": 1, "padding": "'
         return prefix + b"x" * (size - len(prefix) - 2) + b'"}'
 
     assert client.post(path, data=body_of_size(64 * 1024)).status_code == 204
-    before = stored(app)
-    response = client.post(path, data=body_of_size(64 * 1024 + 1))
-    assert response.status_code == 413
-    assert response.get_json() == {"msg": "The data value transmitted exceeds the capacity limit."}
-    assert stored(app) == before
+    assert_refused(app, client, path, body_of_size(64 * 1024 + 1), 413,
+                   "The data value transmitted exceeds the capacity limit.")
 
 
-def test_unexpected_error_is_500_json_without_details_and_stores_nothing(app, client, caplog):
+def test_an_unexpected_error_is_500_json_with_the_details_in_the_log_only(app, client, caplog):
     app.config["PROPAGATE_EXCEPTIONS"] = False  # answer as in production, not raise into the test
-    with sqlite3.connect(app.config["DATABASE"]) as db:
+    with closing(sqlite3.connect(app.config["DATABASE"])) as db:
         db.execute("DROP TABLE uploads")
     before = stored(app, ("heartbeat_minutes", "device_stats"))
-    response = client.post(stats_url(), json={"sent_at": "2024-01-01T10:04:00Z", "upload_time": 5})
+    response = client.post(stats_url(), json={"sent_at": SENT_AT, "upload_time": 5})
     assert response.status_code == 500
-    assert response.content_type == "application/json"
     assert response.get_json() == {
         "msg": "The server encountered an internal error and was unable to complete your request. "
                "Either the server is overloaded or there is an error in the application."
     }
     assert stored(app, ("heartbeat_minutes", "device_stats")) == before
-    assert "no such table: uploads" in caplog.text  # the detail goes to the log
-
-
-@pytest.mark.parametrize(
-    "device_id",
-    ["'; DROP TABLE device_stats; --", "60-6b-44-84-dc-64' OR '1'='1", "%", "_" * 17, "x" * 5_000, "é", "\x00"],
-)
-def test_hostile_device_ids_are_404(app, client, device_id):
-    before = stored(app)
-    for path in (heartbeat_url(device_id), stats_url(device_id)):
-        response = client.post(path, json={"sent_at": "2024-01-01T10:04:00Z", "upload_time": 1})
-        assert response.status_code == 404
-        assert response.get_json()["msg"]
-    assert stored(app) == before
+    assert "no such table: uploads" in caplog.text
 
 
 # --- Storage ----------------------------------------------------------------------------
 
 
-def test_schema_can_be_applied_again_and_a_restart_gives_the_same_stats(app, client, tmp_path):
-    for path, body in simulator_day(DEVICE)[:300]:
-        assert client.post(path, json=body).status_code == 204
-    answer = client.get(stats_url()).get_json()
-    restarted = create_app(database=app.config["DATABASE"], devices_csv=HERE / "devices.csv")
-    assert restarted.test_client().get(stats_url()).get_json() == answer
-    assert stored(restarted) == stored(app)
+def test_a_restart_on_the_same_database_gives_the_same_stats(app, client):
+    send_day(client, simulated_day(DEVICE)[:300])
+    with open_app(app.config["DATABASE"]) as restarted:  # schema.sql applied again
+        assert restarted.test_client().get(stats_url()).get_json() == client.get(stats_url()).get_json()
+        assert stored(restarted) == stored(app)
 
 
-def test_aggregates_match_the_raw_rows(app, client):
-    for path, body in simulator_day(DEVICE)[:300]:
-        client.post(path, json=body)
-    with sqlite3.connect(app.config["DATABASE"]) as db:
+def test_the_aggregates_match_the_raw_rows(app, client):
+    send_day(client, simulated_day(DEVICE)[:300])
+    with closing(sqlite3.connect(app.config["DATABASE"])) as db:
         raw = db.execute(
             "SELECT count(*), min(minute), max(minute) FROM heartbeat_minutes WHERE device_id = ?", (DEVICE,)
         ).fetchone() + db.execute(
@@ -639,60 +611,62 @@ def test_aggregates_match_the_raw_rows(app, client):
     assert aggregates == raw
 
 
-def test_database_is_in_wal_mode(app):
-    with sqlite3.connect(app.config["DATABASE"]) as db:
+def test_the_database_is_in_wal_mode(app):
+    with closing(sqlite3.connect(app.config["DATABASE"])) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 # --- A real server ---------------------------------------------------------------------
 
 
-def test_simulator_day_over_waitress_with_16_threads(app):
-    """The simulator's day for all five devices, spread over 16 clients, so
-    every device is written from several threads at once; then the published table."""
-    requests = [request for device_id in SIMULATOR_DAY for request in simulator_day(device_id)]
-    random.Random(16).shuffle(requests)
-    with waitress_server(app, threads=8) as port:
+def test_the_simulators_day_from_16_clients_over_waitress_gives_its_published_table(app):
+    """Every vendor device's day dealt out to 16 clients, so that each device is written
+    from several connections at once, through fleetmon's own waitress server; then the
+    table the simulator publishes, as it prints it."""
+    telemetry = [event for device_id in PUBLISHED_DAYS for event in simulated_day(device_id)]
+    with waitress_server(app) as port:
 
-        def send(share):
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            answers = [http_request(connection, "POST", path, body) for path, body in share]
-            connection.close()
-            return answers
+        def send_share(share):
+            with closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
+                return [http_request(connection, "POST", event.path, event.body) for event in share]
 
         with ThreadPoolExecutor(16) as pool:
-            answers = [answer for share in pool.map(send, [requests[i::16] for i in range(16)]) for answer in share]
-        assert answers == [(204, b"")] * len(requests)
+            answers = [answer for share in pool.map(send_share, [telemetry[i::16] for i in range(16)])
+                       for answer in share]
+        assert answers == [(204, b"")] * len(telemetry)
 
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        for device_id, (_, uptime, avg_upload_time) in SIMULATOR_DAY.items():
-            status, body = http_request(connection, "GET", stats_url(device_id))
-            stats = json.loads(body)
-            assert (status, f"{stats['uptime']:.5f}", stats["avg_upload_time"]) == (200, uptime, avg_upload_time)
-        connection.close()
+        table = {}
+        with closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
+            for device_id in PUBLISHED_DAYS:
+                status, body = http_request(connection, "GET", stats_url(device_id))
+                stats = json.loads(body)
+                table[device_id] = (status, f"{stats['uptime']:.5f}", stats["avg_upload_time"])
+    assert table == {device_id: (200, published.uptime, published.avg_upload_time)
+                     for device_id, published in PUBLISHED_DAYS.items()}
 
 
 def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
     database = tmp_path / "fleetmon.db"
+    first_minute = utc_minute("2024-01-01T10:00:00Z")
     acknowledged = []
     enough = threading.Event()
 
-    with server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(database)) as (process, port, printed):
+    with server_process("--port", "0", "--db", str(database)) as (process, port, printed):
+        url = f"http://127.0.0.1:{port}"
         assert printed == [
-            f"fleetmon: 5 devices from {HERE / 'devices.csv'}, database {database}\n",
-            f"fleetmon: listening on http://127.0.0.1:{port}/api/v1 (docs at http://127.0.0.1:{port}/docs/)\n",
+            f"fleetmon: 5 devices from {DEVICES_CSV}, database {database}\n",
+            f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)\n",
         ]
 
         def stream():
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             try:
-                for minute in range(100_000):
-                    sent_at = rfc3339(SIMULATOR_START + timedelta(minutes=minute))
-                    if http_request(connection, "POST", heartbeat_url(), {"sent_at": sent_at}) == (204, b""):
-                        acknowledged.append(utc_minute(sent_at))
-                    if len(acknowledged) >= 300:
-                        enough.set()
-            except (OSError, http.client.HTTPException):
+                with closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
+                    for minute in range(first_minute, first_minute + 100_000):
+                        if http_request(connection, "POST", *heartbeat(minute_to_rfc3339(minute))) == (204, b""):
+                            acknowledged.append(minute)
+                        if len(acknowledged) >= 300:
+                            enough.set()
+            except (OSError, HTTPException):
                 pass  # the server was killed mid-request
             finally:
                 enough.set()
@@ -703,24 +677,23 @@ def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
         process.kill()
         process.wait()
         streamer.join(timeout=60)
+        assert not streamer.is_alive()
 
     assert len(acknowledged) >= 300
-    restarted = create_app(database=database, devices_csv=HERE / "devices.csv")
-    minutes = {minute for (device_id, minute) in stored(restarted)["heartbeat_minutes"]}
-    assert minutes.issuperset(acknowledged)
-    response = restarted.test_client().get("/debug/stats/" + DEVICE).get_json()
-    assert response["online_minutes"] == len(minutes)  # the aggregates committed with the rows
+    with open_app(database) as restarted:
+        minutes = {minute for (_, minute) in stored(restarted)["heartbeat_minutes"]}
+        assert minutes.issuperset(acknowledged)
+        debug = restarted.test_client().get(f"/debug/stats/{DEVICE}").get_json()
+        assert debug["online_minutes"] == len(minutes)  # the aggregates committed with the rows
 
 
 # --- The document, the docs page, the root and the debug views -------------------------
 
 
-def test_openapi_document_is_valid_and_names_the_server_that_answered(client):
+def test_openapi_json_is_the_shipped_file_naming_the_server_that_answered(client):
     response = client.get("/openapi.json", base_url="http://127.0.0.1:7000")
-    assert response.status_code == 200
-    assert response.content_type == "application/json"
+    assert (response.status_code, response.content_type) == (200, "application/json")
     document = response.get_json()
-    openapi_spec_validator.validate(document)
     assert document["servers"] == [{"url": "http://127.0.0.1:7000", "description": "this fleetmon"}]
     shipped = json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
     assert {**document, "servers": shipped["servers"]} == shipped
@@ -740,31 +713,31 @@ def test_every_route_is_documented_and_every_documented_path_is_routed(app):
     assert routed == documented
 
 
-def test_docs_are_swagger_ui_served_by_fleetmon_alone(client):
+def test_the_docs_are_swagger_ui_served_by_fleetmon_alone(client):
     assert client.get("/docs").status_code == 308
     assert client.get("/docs").headers["Location"].endswith("/docs/")
     page = client.get("/docs/")
-    assert page.status_code == 200
-    assert page.content_type == "text/html; charset=utf-8"
+    assert (page.status_code, page.content_type) == (200, "text/html; charset=utf-8")
     html = page.get_data(as_text=True)
     assert 'url: "/openapi.json"' in html
     assets = re.findall(r'(?:src|href)="\./([^"]+)"', html)
     assert set(assets) == {"swagger-ui.css", "favicon-32x32.png", "favicon-16x16.png",
                            "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js"}
     for asset in assets:
-        assert client.get(f"/docs/{asset}").status_code == 200
+        with client.get(f"/docs/{asset}") as response:  # a file sent as it is read: closed after
+            assert response.status_code == 200
     assert "http://" not in html and "https://" not in html  # nothing from the network
 
 
-def test_root_says_what_this_is(client):
+def test_the_root_says_what_this_is(client):
     response = client.get("/")
-    assert response.status_code == 200
-    assert response.content_type == "application/json"
+    assert (response.status_code, response.content_type) == (200, "application/json")
     assert response.get_json() == {
         "name": "fleetmon",
         "version": "1.0.0",
         "devices": 5,
         "links": {
+            "fleet_page": "/",
             "docs": "/docs/",
             "openapi": "/openapi.json",
             "example_stats": "/api/v1/devices/18-b8-87-e7-1f-06/stats",
@@ -773,51 +746,35 @@ def test_root_says_what_this_is(client):
     assert client.get(response.get_json()["links"]["example_stats"]).status_code == 204
 
 
-def test_root_with_no_devices_has_no_example(tmp_path):
-    (tmp_path / "devices.csv").write_text("device_id\n")
-    app = create_app(database=tmp_path / "fleetmon.db", devices_csv=tmp_path / "devices.csv")
-    body = app.test_client().get("/").get_json()
-    assert (body["devices"], body["links"]["example_stats"]) == (0, None)
-
-
 def test_debug_devices_lists_what_each_device_sent(client):
-    client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:00:00Z"})
-    client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:00:30Z"})
-    client.post(stats_url(OTHER_DEVICE), json={"sent_at": "2024-01-01T10:00:00Z", "upload_time": 1})
+    send(client, heartbeat("2024-01-01T10:00:00Z"), heartbeat("2024-01-01T10:00:30Z"),
+         upload(1, device_id=OTHER_DEVICE))
     response = client.get("/debug/devices")
-    assert response.status_code == 200
-    assert response.content_type == "application/json"
+    assert (response.status_code, response.content_type) == (200, "application/json")
     assert response.get_json() == {"devices": [
         {"device_id": "18-b8-87-e7-1f-06", "has_sent": False, "online_minutes": 0, "upload_count": 0},
         {"device_id": "26-9a-66-01-33-83", "has_sent": False, "online_minutes": 0, "upload_count": 0},
         {"device_id": "38-4e-73-e0-33-59", "has_sent": False, "online_minutes": 0, "upload_count": 0},
         {"device_id": "60-6b-44-84-dc-64", "has_sent": True, "online_minutes": 1, "upload_count": 0},
         {"device_id": "b4-45-52-a2-f1-3c", "has_sent": True, "online_minutes": 0, "upload_count": 1},
-    ]}
+    ], "next": None}
 
 
-def test_debug_devices_leaves_out_devices_no_longer_in_the_csv(app, tmp_path):
+def test_a_device_dropped_from_the_devices_file_is_no_longer_listed(app, tmp_path):
     (tmp_path / "fewer.csv").write_text(f"device_id\n{DEVICE}\n")
-    fewer = create_app(database=app.config["DATABASE"], devices_csv=tmp_path / "fewer.csv")
-    devices = fewer.test_client().get("/debug/devices").get_json()["devices"]
+    with open_app(app.config["DATABASE"], tmp_path / "fewer.csv") as fewer:
+        devices = fewer.test_client().get("/debug/devices").get_json()["devices"]
     assert [device["device_id"] for device in devices] == [DEVICE]
 
 
-def test_debug_stats_of_a_device_that_sent_nothing(client):
-    response = client.get(f"/debug/stats/{DEVICE}")
-    assert response.status_code == 200
-    assert response.get_json() == {
+def test_debug_stats_show_the_telemetry_behind_the_stats(client):
+    assert client.get(f"/debug/stats/{DEVICE}").get_json() == {
         "device_id": DEVICE, "online_minutes": 0, "first_online_minute": None, "last_online_minute": None,
         "upload_count": 0, "upload_total_ns": 0, "stats": None,
     }
-
-
-def test_debug_stats_show_the_telemetry_behind_the_stats(client):
-    for path, body in simulator_day(DEVICE):
-        client.post(path, json=body)
+    send_day(client, simulated_day(DEVICE))
     response = client.get(f"/debug/stats/{DEVICE}")
-    assert response.status_code == 200
-    assert response.content_type == "application/json"
+    assert (response.status_code, response.content_type) == (200, "application/json")
     assert response.get_json() == {
         "device_id": DEVICE,
         "online_minutes": 479,
@@ -830,32 +787,10 @@ def test_debug_stats_show_the_telemetry_behind_the_stats(client):
     assert response.get_json()["stats"] == client.get(stats_url()).get_json()
 
 
-def test_debug_stats_of_an_unknown_device_is_404(client):
-    response = client.get("/debug/stats/unknown")
-    assert response.status_code == 404
-    assert response.get_json() == {"msg": "device not found"}
-
-
-# Loaded from the file, which the first test above shows is what /openapi.json serves;
-# each case is then sent to a fresh app in-process.
-api_document = schemathesis.openapi.from_path(HERE / "openapi.json")
-api_document.config.update(parameters={"path.device_id": DEVICE})
-api_document.config.generation.update(max_examples=30)
-
-
-@api_document.parametrize()
-# One app for all cases, on purpose: what one case stores, a later one reads. The same
-# cases every run, so that a rare one cannot make CI flaky.
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True)
-def test_the_document_tells_the_truth(app, case):
-    case.call_and_validate(app=app)
-
-
 # --- Hostile input ------------------------------------------------------------------------
 
 # Each example reuses the test's app: the database grows, and every example must leave it
 # unchanged unless it was answered 204.
-hostile = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
@@ -887,32 +822,31 @@ def assert_answered_safely(app, response, before):
         assert stored(app) == before
 
 
-@pytest.mark.parametrize("path", [heartbeat_url(), stats_url()])
-@hostile
+@pytest.mark.parametrize("path", BOTH)
 @given(body=st.binary(max_size=2_000))
 def test_any_bytes_as_body(app, client, path, body):
     before = stored(app)
     assert_answered_safely(app, client.post(path, data=body), before)
 
 
-@pytest.mark.parametrize("path", [heartbeat_url(), stats_url()])
-@hostile
+@pytest.mark.parametrize("path", BOTH)
 @given(body=json_values | bodies)
 def test_any_json_as_body(app, client, path, body):
     before = stored(app)
     assert_answered_safely(app, client.post(path, data=json.dumps(body)), before)
 
 
-@hostile  # a "/" is no part of an id but a path separator: test_unknown_path_is_404_json
-@given(device_id=st.text(st.characters(exclude_categories=["Cs"], exclude_characters="/"), min_size=1))
+# A "/" is no part of an id but a path separator: test_an_unknown_path_is_404_json. The
+# listed ids are left out: Hypothesis draws strings from fleetmon.py's source too.
+@given(device_id=st.text(st.characters(exclude_categories=["Cs"], exclude_characters="/"), min_size=1)
+       .filter(lambda text: text not in PUBLISHED_DAYS))
 def test_any_device_id(app, client, device_id):
     before = stored(app)
     quoted = urllib.parse.quote(device_id, safe="")
-    for method, path in (("post", heartbeat_url(quoted)), ("post", stats_url(quoted)),
-                         ("get", stats_url(quoted)), ("get", f"/debug/stats/{quoted}")):
-        response = getattr(client, method)(path, json={"sent_at": "2024-01-01T10:04:00Z", "upload_time": 1})
-        assert response.status_code == 404
-        assert response.content_type == "application/json"
+    for method, path in (("POST", heartbeat_url(quoted)), ("POST", stats_url(quoted)),
+                         ("GET", stats_url(quoted)), ("GET", f"/debug/stats/{quoted}")):
+        response = client.open(path, method=method, json={"sent_at": SENT_AT, "upload_time": 1})
+        assert (response.status_code, response.content_type) == (404, "application/json")
     assert stored(app) == before
 
 
@@ -926,7 +860,6 @@ def minute_by_strptime(sent_at):
     return (local - offset - datetime(1970, 1, 1)) // timedelta(minutes=1)
 
 
-@hostile
 @given(sent_at=st.text() | near_valid_sent_at)
 def test_any_sent_at(app, client, sent_at):
     before = stored(app)
@@ -937,159 +870,669 @@ def test_any_sent_at(app, client, sent_at):
         assert (DEVICE, minute_by_strptime(sent_at)) in stored(app)["heartbeat_minutes"]
 
 
-# --- Benchmark: FLEETMON_BENCHMARK=1 python -m pytest -k benchmark -s ----------------------
+# --- A real server: connections, limits and malformed HTTP -------------------------------
 
-# The floors: Flask on waitress doing nothing but parse the JSON body and answer 204
-# ("nothing"), or that and commit the body to SQLite as fleetmon would ("commit").
-FLOOR_APP = """
-import json, logging, sqlite3, sys, tempfile, threading, waitress
-from pathlib import Path
-from flask import Flask, request
-threads, mode = int(sys.argv[1]), sys.argv[2]
-logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # as fleetmon does
-database = Path(tempfile.mkdtemp()) / "floor.db"
-sqlite3.connect(database).executescript(
-    "PRAGMA page_size = 1024; PRAGMA journal_mode = WAL; CREATE TABLE bodies (body TEXT);"
+
+def raw_exchange(port, data, timeout=5):
+    """Send raw bytes and read until the server closes or goes quiet; the bytes read."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+        return received
+
+
+def minute_of_day(minute):
+    """A sent_at that many minutes into the simulated day: minute_of_day(3) is 10:03."""
+    return minute_to_rfc3339(utc_minute("2024-01-01T10:00:00Z") + minute)
+
+
+def heartbeat_request(minute=0, extra_headers=b""):
+    body = json.dumps({"sent_at": minute_of_day(minute)}).encode()
+    return (f"POST {heartbeat_url()} HTTP/1.1\r\nHost: fleetmon\r\nContent-Length: {len(body)}\r\n".encode()
+            + extra_headers + b"\r\n" + body)
+
+
+def test_a_connection_stays_open_after_a_204(app):
+    with waitress_server(app) as port:
+        connection = HTTPConnection("127.0.0.1", port, timeout=10)
+        with closing(connection):
+            assert http_request(connection, "POST", heartbeat_url(), {"sent_at": "2024-01-01T10:00:00Z"}) == (204, b"")
+            first_socket = connection.sock
+            assert first_socket is not None  # http.client drops a socket the server closes
+            assert http_request(connection, "POST", heartbeat_url(), {"sent_at": "2024-01-01T10:01:00Z"}) == (204, b"")
+            assert connection.sock is first_socket
+
+
+def test_pipelined_heartbeats_are_all_answered_on_one_connection(app):
+    with waitress_server(app) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"".join(heartbeat_request(minute) for minute in range(50)))
+        answers = b""
+        while answers.count(b"HTTP/1.1 204") < 50 and (chunk := sock.recv(65536)):
+            answers += chunk
+    assert answers.count(b"HTTP/1.1 204") == 50
+    assert b"Connection: close" not in answers
+    assert len(stored(app)["heartbeat_minutes"]) == 50
+
+
+def test_connection_close_from_the_client_is_honoured(app):
+    with waitress_server(app) as port:
+        answer = raw_exchange(port, heartbeat_request(extra_headers=b"Connection: close\r\n"))
+    assert answer.startswith(b"HTTP/1.1 204")
+    assert b"Connection: close" in answer  # and raw_exchange saw the server close
+
+
+def test_keep_alive_after_204_is_still_needed_in_this_waitress():
+    """Stock waitress closes after a 204, which fleetmon.KeepAliveTask undoes. When this
+    fails, a waitress release keeps the connection itself (upstream pull request
+    Pylons/waitress#502): delete KeepAliveTask, and this test."""
+    assert importlib.metadata.version("waitress") == "3.0.2", "KeepAliveTask was written against waitress 3.0.2"
+
+    def no_content(environ, start_response):
+        start_response("204 No Content", [])
+        return []
+
+    server = waitress.create_server(no_content, host="127.0.0.1", port=0)
+    with running(server):
+        answer = raw_exchange(server.effective_port, heartbeat_request())
+    assert b"Connection: close" in answer
+
+
+def test_hundreds_of_idle_and_slow_connections_do_not_lock_clients_out(app):
+    with waitress_server(app) as port, ExitStack() as sockets:
+        for number in range(400):
+            sock = sockets.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+            if number % 2:
+                sock.sendall(b"POST / HTTP/1.1\r\nX-Slow: ")  # a header that never ends
+        connection = HTTPConnection("127.0.0.1", port, timeout=5)
+        with closing(connection):
+            assert http_request(connection, "GET", stats_url()) == (204, b"")
+
+
+def test_idle_connections_are_dropped_within_seconds():
+    settings = fleetmon.WAITRESS_SETTINGS
+    assert settings["channel_timeout"] + settings["cleanup_interval"] <= 30
+    assert 400 < settings["connection_limit"] < 500  # Windows' select() watches 512 sockets at most
+
+
+def test_a_body_far_over_the_limit_is_refused_before_it_is_sent(app):
+    with waitress_server(app) as port:
+        headers = f"POST {heartbeat_url()} HTTP/1.1\r\nHost: fleetmon\r\nContent-Length: 20000000\r\n\r\n"
+        answer = raw_exchange(port, headers.encode())  # and not one byte of the body
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 413 Request Entity Too Large")
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body) == {"msg": "Request Entity Too Large: exceeds max_body of 65537"}
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", b"400 Bad Request"),
+        (b"POST /api/v1/devices/x/heartbeat HTTP/1.1\r\nContent-Length: 12x\r\n\r\n", b"400 Bad Request"),
+        (b"POST /api/v1/devices/x/heartbeat HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"400 Bad Request"),
+        (b"POST /api/v1/devices/x/heartbeat HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", b"501 Not Implemented"),
+        # Exactly the 256 KiB limit and no end, so the server reads it all before answering.
+        (b"GET / HTTP/1.1\r\nX-Big: ".ljust(256 * 1024, b"x"), b"431 Request Header Fields Too Large"),
+    ],
 )
-connections = threading.local()
-app = Flask("floor")
-@app.post("/api/v1/devices/<device_id>/<kind>")
-def accept(device_id, kind):
-    body = json.loads(request.get_data())
-    if mode == "commit":
-        if not hasattr(connections, "db"):
-            connections.db = sqlite3.connect(database, isolation_level=None)
-            connections.db.execute("PRAGMA synchronous = NORMAL")
-        connections.db.execute("INSERT INTO bodies VALUES (?)", (json.dumps(body),))
-    return "", 204
-server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
-print(f"listening on http://127.0.0.1:{server.effective_port}", flush=True)
-server.run()
-"""
+def test_http_the_server_layer_refuses_is_answered_in_json(app, request_bytes, status):
+    with waitress_server(app) as port:
+        answer = raw_exchange(port, request_bytes)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert status in head.split(b"\r\n")[0]
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["msg"]
 
 
-def peak_memory_mb(process):
-    """Peak resident memory of a process; Linux only, None elsewhere."""
-    try:
-        status = Path(f"/proc/{process.pid}/status").read_text()
-    except OSError:
-        return None
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+def test_a_double_slash_is_an_unknown_path_not_a_redirect(app):
+    with waitress_server(app) as port:
+        answer = raw_exchange(port, b"GET /api/v1/devices//stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404")
+    assert b"Content-Type: application/json" in answer
 
 
-def run_load(port, requests_by_client):
-    """Send each client's (method, path, body) list over its own connection.
-
-    http.client opens it again whenever the server closes it, as waitress does after
-    every 204 (see README.md, "Performance and limits").
-
-    Returns (requests per second, p50 ms, p99 ms, answers other than 2xx).
-    """
-    def client(requests):
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        timings, errors = [], 0
-        for method, path, body in requests:
-            started = time.perf_counter()
-            connection.request(method, path, body=body)
-            response = connection.getresponse()
-            response.read()
-            timings.append(time.perf_counter() - started)
-            errors += not 200 <= response.status < 300
-        connection.close()
-        return timings, errors
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(len(requests_by_client)) as pool:
-        results = list(pool.map(client, requests_by_client))
-    elapsed = time.perf_counter() - started
-    timings = sorted(t for client_timings, _ in results for t in client_timings)
-    return (len(timings) / elapsed, 1000 * timings[len(timings) // 2],
-            1000 * timings[int(len(timings) * 0.99)], sum(errors for _, errors in results))
+# --- Start-up mistakes ----------------------------------------------------------------------
 
 
-def telemetry_load(kind, run, clients=16, per_client=1_000):
-    """Heartbeats (each in a minute not yet stored, so each one writes) or uploads,
-    spread over the devices: one list of requests for each client."""
-    devices = sorted(SIMULATOR_DAY)
-    url = heartbeat_url if kind == "heartbeat" else stats_url
+def start_with(capsys, *args):
+    """fleetmon's exit status and what it printed for args, when it does not start."""
+    status = fleetmon.main(list(map(str, args)))
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    return status, printed.err
 
-    def body(client, n):
-        minute = (run * clients + client) * per_client + n
-        sent_at = rfc3339(SIMULATOR_START + timedelta(minutes=minute))
-        return json.dumps({"sent_at": sent_at, "upload_time": 187_893_379_134} if kind == "stats" else {"sent_at": sent_at})
 
-    return [
-        [("POST", url(devices[client % 5]), body(client, n)) for n in range(per_client)]
-        for client in range(clients)
+@pytest.mark.parametrize(
+    ("make_db", "error"),
+    [
+        (lambda tmp: tmp / "missing" / "fleetmon.db", "unable to open database file"),
+        (lambda tmp: tmp, "unable to open database file"),
+        (lambda tmp: write(tmp / "notes.txt", b"not a database, just text " * 100), "file is not a database"),
+    ],
+)
+def test_an_unusable_database_stops_the_start_with_one_line(tmp_path, capsys, make_db, error):
+    database = make_db(tmp_path)
+    assert start_with(capsys, "--db", database) == (1, f"fleetmon: cannot use database {database}: {error}\n")
+
+
+def test_a_port_in_use_stops_the_start_with_one_line(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, printed = start_with(capsys, "--port", port, "--db", tmp_path / "fleetmon.db")
+    assert status == 1
+    assert printed.startswith(f"fleetmon: cannot listen on 127.0.0.1:{port}: ")
+    assert printed.count("\n") == 1
+
+
+@pytest.mark.parametrize("port", [-1, 65536, 99999])
+def test_a_port_outside_0_to_65535_is_refused(tmp_path, capsys, port):
+    assert start_with(capsys, "--port", port) == (1, f"fleetmon: port {port} is outside 0-65535\n")
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"device_id\n", "lists no devices under device_id"),
+        (b"device_id\n\n  \n", "lists no devices under device_id"),
+        (b"device_id\naa-01\ncams/aa-02\n", "line 3: device id 'cams/aa-02' contains '/', which no URL can carry"),
+    ],
+)
+def test_a_devices_file_without_usable_devices_stops_the_start(tmp_path, capsys, content, error):
+    devices = write(tmp_path / "devices.csv", content)
+    status, printed = start_with(capsys, "--devices", devices, "--db", tmp_path / "fleetmon.db")
+    assert status == 1
+    assert printed in (f"fleetmon: devices file {devices} {error}\n", f"fleetmon: devices file {devices}, {error}\n")
+
+
+def test_one_device_is_one_device_in_the_start_line(tmp_path):
+    devices = write(tmp_path / "devices.csv", f"device_id\n{DEVICE}\n".encode())
+    with server_process("--port", "0", "--devices", str(devices), "--db", str(tmp_path / "x.db")) as (_, _, printed):
+        assert printed[0] == f"fleetmon: 1 device from {devices}, database {tmp_path / 'x.db'}\n"
+
+
+# --- Recovering from a database error -------------------------------------------------------
+
+
+def read_only(database):
+    return sqlite3.connect(f"file:{database}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+
+
+def on_a_full_disk(database):
+    db = fleetmon.connect(database)
+    db.execute("PRAGMA max_page_count = 1")  # no more pages than it has: a write that needs one fails
+    return db
+
+
+@pytest.mark.parametrize("broken_connect", [read_only, on_a_full_disk])
+def test_after_a_write_fails_the_next_request_starts_afresh(app, client, monkeypatch, broken_connect):
+    """As when the database file was read-only, or the disk full, and then mended."""
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # answer 500 as in production
+    real_connect = fleetmon.connect
+    monkeypatch.setattr(fleetmon, "connect", broken_connect)
+    minute = 0
+    while client.post(heartbeat_url(), json={"sent_at": minute_of_day(minute)}).status_code == 204:
+        minute += 1
+        assert minute < 1_000, "the broken connection never failed"
+    monkeypatch.setattr(fleetmon, "connect", real_connect)
+    send(client, heartbeat(minute_of_day(minute)))
+    assert len(stored(app)["heartbeat_minutes"]) == minute + 1
+
+
+# --- Errors that say what happened ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * 60_000, "body is nested too deeply"),
+        (b'{"sent_at": "2024-01-01T10:04:00Z", "n": ' + b"9" * 4_301 + b"}", "body has an integer of more than 4300 digits"),
+    ],
+)
+def test_json_python_cannot_read_says_why(client, body, message):
+    response = client.post(heartbeat_url(), data=body)
+    assert (response.status_code, response.get_json()) == (400, {"msg": message})
+
+
+def test_options_on_an_unknown_device_is_404(client):
+    assert client.options(stats_url()).status_code == 200
+    response = client.options(stats_url("unknown"))
+    assert (response.status_code, response.get_json()) == (404, {"msg": "device not found"})
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "POST"])
+def test_the_docs_page_takes_only_get(client, method):
+    response = client.open("/docs/", method=method)
+    assert response.status_code == 405
+    assert sorted(response.headers["Allow"].split(", ")) == ["GET", "HEAD", "OPTIONS"]
+
+
+# --- The debug views, a page at a time ------------------------------------------------------
+
+
+def test_debug_devices_come_a_page_at_a_time(client):
+    seen, url = [], "/debug/devices?limit=2"
+    while url:
+        answer = client.get(url).get_json()
+        seen.append([device["device_id"] for device in answer["devices"]])
+        url = answer["next"]
+    assert seen == [sorted(PUBLISHED_DAYS)[0:2], sorted(PUBLISHED_DAYS)[2:4], sorted(PUBLISHED_DAYS)[4:5]]
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=ten", "limit=-1", "limit=²"])
+def test_debug_devices_limit_is_1_to_1000(client, query):
+    response = client.get(f"/debug/devices?{query}")
+    assert (response.status_code, response.get_json()) == (400, {"msg": "limit must be a whole number from 1 to 1000"})
+
+
+# --- Activity in the server window ---------------------------------------------------------
+
+
+def test_activity_is_one_line_per_interval_and_nothing_while_idle(app, client):
+    activity = fleetmon.Activity()
+    app.after_request(activity.count)
+    assert activity.take_line(10) is None
+    for minute in range(3):
+        send(client, heartbeat(minute_of_day(minute)))
+    send(client, upload(5))
+    client.get(stats_url())
+    client.get("/")  # not telemetry: not counted
+    client.post(heartbeat_url(), data=b"{")
+    client.post(heartbeat_url(), data=b"[]")
+    client.get(stats_url("unknown"))
+    assert activity.take_line(10) == (
+        "fleetmon: last 10 s: 3 heartbeats, 1 uploads, 1 stats reads, 3 rejected (400 x2, 404 x1)"
+    )
+    assert activity.take_line(10) is None
+
+
+# --- simulate ----------------------------------------------------------------------------------
+
+
+def test_simulate_gives_the_published_table(app, capsys):
+    with waitress_server(app) as port:
+        status = fleetmon.main(["simulate", "--url", f"http://127.0.0.1:{port}"])
+    printed = capsys.readouterr()
+    assert status == 0
+    table = [line.split() for line in printed.out.splitlines()[1:-1]]
+    assert table == [[device_id, day.uptime, day.avg_upload_time, "PASS"] for device_id, day in sorted(PUBLISHED_DAYS.items())]
+    assert printed.out.splitlines()[-1] == "simulate: 2,910 requests sent, 0 failed; 5 of 5 published results match"
+
+
+def test_simulate_without_fleetmon_is_one_line_and_exit_2(capsys):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    assert fleetmon.main(["simulate", "--url", f"http://127.0.0.1:{port}"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f"simulate: nothing answers at http://127.0.0.1:{port} (")
+    assert printed.err.endswith("); is fleetmon running?\n")
+    assert printed.err.count("\n") == 1
+
+
+def test_simulate_makes_a_believable_fleet_of_any_devices_file(tmp_path, capsys):
+    others = [f"cam-{number:02d}" for number in range(20)]
+    devices = write(tmp_path / "devices.csv", "\n".join(["device_id", *PUBLISHED_DAYS, *others]).encode())
+    with open_app(tmp_path / "fleet.db", devices) as app, waitress_server(app) as port:
+        status = fleetmon.main(["simulate", "--url", f"http://127.0.0.1:{port}", "--devices", str(devices), "--seed", "7"])
+    assert status == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert rows["cam-00"] == ["-", "-"]  # one device sends nothing
+    uptimes = sorted(float(rows[device_id][0]) for device_id in others[1:])
+    assert uptimes[0] < 90 and uptimes[-1] > 99  # some flaky, most steady
+    assert len(set(uptimes)) > 10
+
+
+# --- The fleet page ----------------------------------------------------------------------------
+
+HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}  # as browsers send
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        (HTML["Accept"], "text/html; charset=utf-8"),
+        ("*/*", "application/json"),  # curl
+        ("application/json", "application/json"),
+        (None, "application/json"),
+    ],
+)
+def test_root_is_the_fleet_page_for_a_browser_and_json_for_an_api_client(client, accept, content_type):
+    response = client.get("/", headers={"Accept": accept} if accept else {})
+    assert response.status_code == 200
+    assert response.content_type == content_type
+
+
+def fleet_page(client, query=""):
+    response = client.get(f"/{query}", headers=HTML)
+    assert response.status_code == 200
+    return response.get_data(as_text=True)
+
+
+def listed_ids(page):
+    """The device ids of the page's rows, in order."""
+    return [html.unescape(device_id) for device_id in re.findall(r'<th scope="row"><a href="[^"]*" title="([^"]*)"', page)]
+
+
+def test_the_fleet_page_lists_the_worst_uptime_first_and_silent_devices_last(client):
+    worst, middle, best = "26-9a-66-01-33-83", "18-b8-87-e7-1f-06", "b4-45-52-a2-f1-3c"
+    for device_id, minutes in ((best, range(11)), (middle, [0, 5, 10]), (worst, [0, 10])):
+        for minute in minutes:
+            send(client, heartbeat(minute_of_day(minute), device_id))
+    send(client, upload(1_500, device_id=best))
+    page = fleet_page(client)
+    assert listed_ids(page) == [worst, middle, best, "38-4e-73-e0-33-59", "60-6b-44-84-dc-64"]
+    assert page.count('<span class="badge">silent</span>') == 2
+    assert "<dt>Reporting</dt><dd>3</dd>" in page
+    assert "<dt>Silent</dt><dd>2</dd>" in page
+    assert "<dt>Median uptime</dt><dd>30.000%</dd>" in page  # of 20 %, 30 % and 100 %
+    assert "<dt>Mean upload time</dt><dd>1.5µs</dd>" in page
+    assert '<time datetime="2024-01-01T10:10:00Z">2024-01-01 10:10</time>' in page  # the newest heartbeat
+
+
+def test_the_online_strip_shows_each_gap_with_its_time_range(client):
+    for minute in (0, 1, 2, 5, 6, 10):
+        send(client, heartbeat(minute_of_day(minute)))
+    page = fleet_page(client)
+    assert 'aria-label="6 of 11 minutes online, 2 gaps"' in page
+    assert re.findall(r'class="off" style="flex-grow: (\d+)" title="([^"]*)"', page) == [
+        ("2", "missed 2024-01-01 10:03–10:04 UTC (2 min)"),
+        ("3", "missed 2024-01-01 10:07–10:09 UTC (3 min)"),
     ]
 
 
-def best_of_three_in_turns(ports, make_load):
-    """Load each server in turn, three times over, and keep each one's best run.
-
-    Taking turns makes the machine's other work slow them all alike; keeping the best
-    leaves out the runs it slowed the most.
-    """
-    runs = {name: [] for name in ports}
-    for run in range(3):
-        for name, port in ports.items():
-            runs[name].append(run_load(port, make_load(run)))
-    return {name: max(figures, key=lambda f: f[0]) for name, figures in runs.items()}
+def test_the_online_strip_covers_the_last_24_hours_at_most(client):
+    for minute in (0, 1, 3_000, 3_001):
+        send(client, heartbeat(minute_of_day(minute)))
+    page = fleet_page(client)
+    assert 'aria-label="2 of 1440 minutes online, 1 gap"' in page
 
 
-def fill_heartbeats(database, per_device):
-    """Store per_device heartbeat minutes for each device, in the order they would arrive.
-
-    Returns the database's size per stored heartbeat minute, in bytes.
-    """
-    create_app(database=database, devices_csv=HERE / "devices.csv")  # the schema, triggers included
-    db = sqlite3.connect(database)
-    with db:
-        db.executemany(
-            "INSERT INTO heartbeat_minutes VALUES (?, ?)",
-            ((device_id, minute) for minute in range(per_device) for device_id in sorted(SIMULATOR_DAY)),
-        )
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
-    return database.stat().st_size / (per_device * len(SIMULATOR_DAY))
+def test_the_fleet_page_of_a_fleet_that_sent_nothing(client):
+    page = fleet_page(client)
+    assert page.count('<span class="badge">silent</span>') == 5
+    assert "<dt>Reporting</dt><dd>0</dd>" in page
+    assert "<dt>Median uptime</dt><dd>—</dd>" in page
 
 
-@pytest.mark.skipif(not os.environ.get("FLEETMON_BENCHMARK"), reason="set FLEETMON_BENCHMARK=1 to run the benchmark")
-def test_benchmark(tmp_path):
-    def report(name, figures):
-        rate, p50, p99, errors = figures
-        print(f"{name:<48} {rate:6.0f} req/s   p50 {p50:5.2f} ms   p99 {p99:5.2f} ms   errors {errors}")
+def test_device_ids_are_escaped_everywhere_on_the_fleet_page(tmp_path):
+    hostile = ['<img src=x onerror=alert(1)>', '" onmouseover="alert(2)', "'><b>bold"]
+    devices = write(tmp_path / "devices.csv", "\n".join(["device_id", *(f'"{d.replace(chr(34), 2 * chr(34))}"' for d in hostile)]).encode())
+    with open_app(tmp_path / "fleet.db", devices) as app:
+        client = app.test_client()
+        for device_id in hostile:
+            send(client, heartbeat("2024-01-01T10:00:00Z", urllib.parse.quote(device_id, safe="")))
+        page = fleet_page(client)
+        assert listed_ids(fleet_page(client, "?q=onerror")) == hostile[:1]
+    assert "<img" not in page and "<b>" not in page and 'onmouseover="' not in page
+    assert sorted(listed_ids(page)) == sorted(hostile)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
 
-    print(f"\nfleetmon benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
-          f"16 clients, waitress threads={fleetmon.WAITRESS_THREADS}, best of 3 interleaved runs")
-    threads = str(fleetmon.WAITRESS_THREADS)
-    with server_process("-c", FLOOR_APP, threads, "nothing") as (_, nothing_port, _), \
-            server_process("-c", FLOOR_APP, threads, "commit") as (_, commit_port, _), \
-            server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(tmp_path / "load.db")) as (process, port, _):
-        burst = [[("POST", path, json.dumps(body)) for path, body in simulator_day(device_id)]
-                 for device_id in SIMULATOR_DAY]
-        started = time.perf_counter()
-        errors = run_load(port, burst)[3]
-        print(f"{'simulator burst, 5 clients, fresh database':<48} {sum(map(len, burst))} requests in "
-              f"{time.perf_counter() - started:.2f} s, errors {errors}")
 
-        ports = {"floor: do nothing": nothing_port, "floor: commit one row": commit_port, "fleetmon": port}
-        for kind in ("heartbeat", "stats"):
-            best = best_of_three_in_turns(ports, lambda run: telemetry_load(kind, run + 1))
-            for name, figures in best.items():
-                report(f"{name}, POST {kind}", figures)
-            print(f"{'':<48} fleetmon: {best['fleetmon'][0] / best['floor: do nothing'][0]:.0%} of doing nothing, "
-                  f"{best['fleetmon'][0] / best['floor: commit one row'][0]:.0%} of committing one row")
+def test_the_fleet_page_comes_100_rows_a_page_and_filters_by_id(tmp_path):
+    devices = write(tmp_path / "devices.csv", "\n".join(["device_id", *(f"cam-{n:03d}" for n in range(250))]).encode())
+    with open_app(tmp_path / "fleet.db", devices) as app:
+        client = app.test_client()
+        pages = [fleet_page(client, f"?page={number}") for number in (1, 2, 3)]
+        assert [len(listed_ids(page)) for page in pages] == [100, 100, 50]
+        assert listed_ids(pages[2])[-1] == "cam-249"
+        assert '<a href="/?page=2" rel="next">' in pages[0] and "Page 1 of 3" in pages[0]
+        assert '<a href="/?page=2" rel="prev">' in pages[2]
+        filtered = fleet_page(client, "?q=CAM-02")
+        assert listed_ids(filtered) == [f"cam-{n:03d}" for n in range(20, 30)]
+        assert "10 devices match" in filtered
+        assert listed_ids(fleet_page(client, "?q=nothing-like-it")) == []
+        assert client.get("/?page=0", headers=HTML).status_code == 400
 
-        peak = peak_memory_mb(process)
-        print(f"{'peak memory of the fleetmon process':<48} " + (f"{peak:.0f} MB" if peak else "n/a (Linux only)"))
 
-    small, large = tmp_path / "small.db", tmp_path / "large.db"
-    fill_heartbeats(small, 1_000)
-    row_size = fill_heartbeats(large, 1_000_000)
-    with server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(small)) as (_, small_port, _), \
-            server_process(str(HERE / "fleetmon.py"), "--port", "0", "--db", str(large)) as (_, large_port, _):
-        ports = {"GET stats, 1,000 heartbeats stored": small_port, "GET stats, 1,000,000 heartbeats stored": large_port}
-        for name, figures in best_of_three_in_turns(ports, lambda run: [[("GET", stats_url(), None)] * 2_000]).items():
-            report(name, figures)
-    print(f"{'database size per stored heartbeat minute':<48} {row_size:.0f} bytes")
+# --- The fleet page in a real browser ------------------------------------------------------------
+
+# A minimal Chrome DevTools Protocol driver, standard library only: checking the page needs
+# a real browser (layout, the script, the requests it makes) but not Selenium, Playwright or
+# a websocket library. Chromium's --remote-debugging-pipe speaks CDP as JSON messages ended
+# by a NUL byte, reading them on its fd 3 and writing them on its fd 4. POSIX only.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--remote-debugging-pipe"]
+
+
+class CDPError(RuntimeError):
+    """The browser answered with an error, went away, or did not answer in time."""
+
+
+class Chromium:
+    """One headless Chromium with one page attached. Use it as a context manager: leaving
+    it closes the browser, the pipes and the temporary profile."""
+
+    def __init__(self, binary, width=1280, height=900, timeout=20.0):
+        self.binary, self.width, self.height, self.timeout = binary, width, height, timeout
+        self.requests: list[str] = []  # every URL the page asked for, in order
+        self.errors: list[str] = []  # every uncaught JavaScript exception in the page
+        self.profile = None  # the temporary --user-data-dir, while the browser runs
+        self._messages: queue.Queue = queue.Queue()  # filled by the reader thread
+        self._next_id, self._session, self._loaded = 0, None, False
+        self._process = self._reader = self._to_browser = self._from_browser = None
+
+    def __enter__(self):
+        self._profile_dir = tempfile.TemporaryDirectory(prefix="cdp-profile-")
+        self.profile = self._profile_dir.name
+        try:
+            self._launch()
+            target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            attached = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})
+            self._session = attached["sessionId"]  # from now on, commands go to the page
+            self.call("Page.enable")  # for Page.loadEventFired
+            self.call("Network.enable")  # for Network.requestWillBeSent
+            self.call("Runtime.enable")  # for Runtime.exceptionThrown
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _launch(self):
+        import fcntl  # POSIX only, as this test is
+
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+        # Popen keeps passed fds at their own numbers and Chromium wants exactly 3 and 4:
+        # move the child's ends to 10 and up, and let bash renumber them as it execs Chromium.
+        child_in = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD_CLOEXEC, 10)
+        child_out = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD_CLOEXEC, 10)
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        script = f'exec "$0" "$@" 3<&{child_in} 4>&{child_out} {child_in}<&- {child_out}>&-'
+        argv = [self.binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
+                f"--window-size={self.width},{self.height}"]
+        try:
+            with open(os.path.join(self.profile, "stderr.log"), "wb") as log:
+                self._process = subprocess.Popen(
+                    ["/bin/bash", "-c", script, *argv], pass_fds=(child_in, child_out),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                    start_new_session=True)  # its own process group, for close() to kill
+        finally:  # the child has its own copies; ours would keep the pipes open forever
+            os.close(child_in)
+            os.close(child_out)
+        self._reader = threading.Thread(target=self._read, name="cdp-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        """Reader thread: split the browser's output into messages; None marks its end.
+        A thread, so that every wait elsewhere can be a queue.get with a timeout."""
+        buffer = b""
+        while chunk := os.read(self._from_browser, 1 << 16):
+            *messages, buffer = (buffer + chunk).split(b"\0")
+            for message in messages:
+                self._messages.put(json.loads(message))
+        self._messages.put(None)
+
+    def _stderr_tail(self, size=400):
+        with open(os.path.join(self.profile, "stderr.log"), "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - size))
+            return log.read().decode(errors="replace").strip()
+
+    def _receive(self, deadline, waiting_for):
+        """The next message, noting the events we track; CDPError at the deadline."""
+        try:
+            message = self._messages.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise CDPError(f"Chromium sent nothing in time while waiting for {waiting_for}") from None
+        if message is None:
+            self._messages.put(None)  # so that any later wait fails at once too
+            raise CDPError(f"Chromium closed its pipe while waiting for {waiting_for}; "
+                           f"its stderr ends: {self._stderr_tail()!r}")
+        if message.get("sessionId") == self._session and "method" in message:
+            if message["method"] == "Network.requestWillBeSent":
+                self.requests.append(message["params"]["request"]["url"])
+            elif message["method"] == "Page.loadEventFired":
+                self._loaded = True
+            elif message["method"] == "Runtime.exceptionThrown":
+                details = message["params"]["exceptionDetails"]
+                self.errors.append(details.get("exception", {}).get("description") or details["text"])
+        return message
+
+    def call(self, method, params=None, timeout=None):
+        """Send one command (to the page once attached) and return its result."""
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params or {}}
+        if self._session:
+            message["sessionId"] = self._session
+        data = json.dumps(message).encode() + b"\0"
+        try:
+            while data:  # a blocking pipe write can still be partial
+                data = data[os.write(self._to_browser, data):]
+        except BrokenPipeError:
+            raise CDPError(f"Chromium is gone (sending {method}); "
+                           f"its stderr ends: {self._stderr_tail()!r}") from None
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while (answer := self._receive(deadline, method)).get("id") != self._next_id:
+            pass  # events, already noted by _receive
+        if "error" in answer:
+            raise CDPError(f"{method}: {answer['error'].get('message')}")
+        return answer["result"]
+
+    def navigate(self, url):
+        """Go to url and return once its load event has fired."""
+        self._loaded = False
+        error = self.call("Page.navigate", {"url": url}).get("errorText")
+        if error:
+            raise CDPError(f"navigating to {url}: {error}")
+        deadline = time.monotonic() + self.timeout
+        while not self._loaded:
+            self._receive(deadline, f"the load event of {url}")
+
+    def evaluate(self, expression):
+        """The value of a JavaScript expression in the page, awaited if it is a promise."""
+        result = self.call("Runtime.evaluate", {"expression": expression,
+                                                "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            thrown = details.get("exception", {}).get("description") or details["text"]
+            raise CDPError(f"{expression!r} threw {thrown}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=None, interval=0.1):
+        """Poll expression until its value is truthy in Python, and return it; CDPError after
+        timeout s. Values travel as JSON, so a DOM node arrives as {}: test it with !!."""
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + timeout
+        while not (value := self.evaluate(expression)):
+            if time.monotonic() > deadline:
+                raise CDPError(f"{expression!r} still falsy after {timeout} s")
+            time.sleep(interval)
+        return value
+
+    def screenshot(self, path, width=None):
+        """Save a PNG of the whole page laid out width CSS pixels wide (as a phone below 600).
+        The width stays in force afterwards, as a resized window would."""
+        width = width or self.width
+        self.call("Emulation.setDeviceMetricsOverride", {
+            "width": width, "height": self.height, "deviceScaleFactor": 1, "mobile": width < 600})
+        height = self.evaluate("document.documentElement.scrollHeight")
+        clip = {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}
+        shot = self.call("Page.captureScreenshot",
+                         {"format": "png", "clip": clip, "captureBeyondViewport": True})
+        with open(path, "wb") as file:
+            file.write(base64.b64decode(shot["data"]))
+
+    def close(self):
+        """Close the browser, then the pipes, then the profile. Safe to call twice."""
+        if self._process and self._process.poll() is None:
+            self._session = None  # Browser.close goes to the browser, not the page
+            deadline = time.monotonic() + 5
+            with suppress(CDPError, OSError):  # it may exit before it answers
+                self.call("Browser.close", timeout=5)
+            try:
+                self._process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # hung: kill it and its helpers, which would
+                os.killpg(self._process.pid, signal.SIGKILL)  # go on writing to the profile
+                self._process.wait()
+        if self._to_browser is not None:
+            os.close(self._to_browser)
+            self._to_browser = None
+        if self._reader:
+            self._reader.join(timeout=5)  # it ends at EOF, once the browser has exited
+        if self._from_browser is not None and not (self._reader and self._reader.is_alive()):
+            os.close(self._from_browser)  # never under a thread that may still read it
+            self._from_browser = None
+        if self.profile:
+            self._profile_dir.cleanup()
+            self.profile = None
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.fixture
+def chromium():
+    if CHROMIUM is None or sys.platform == "win32":
+        reason = "the browser test needs Debian's chromium (apt-get install -y chromium) on Linux"
+        warnings.warn(reason, stacklevel=1)  # so that the reason shows in pytest's summary
+        pytest.skip(reason)
+    with Chromium(CHROMIUM) as browser:
+        yield browser
+
+
+def test_the_fleet_page_fills_in_live_in_a_browser(app, chromium, tmp_path, capsys):
+    with waitress_server(app) as port:
+        url = f"http://127.0.0.1:{port}/"
+        chromium.navigate(url)
+        assert chromium.evaluate("document.querySelectorAll('#fleet .badge').length") == 5  # all silent
+        chromium.evaluate("window.loadedOnce = true")  # gone if the page reloads
+        simulation = threading.Thread(target=fleetmon.main, args=(["simulate", "--url", url, "--pace", "3"],))
+        simulation.start()
+        try:
+            chromium.wait_for("document.querySelectorAll('#fleet .strip[role=group]').length === 5", timeout=60)
+        finally:
+            simulation.join()
+        # The last refresh after the simulated day: every device with its 100 uploads.
+        uploads = "[...document.querySelectorAll('#fleet tbody tr td:nth-child(5)')].map(td => td.textContent)"
+        chromium.wait_for(f"JSON.stringify({uploads}) === JSON.stringify(Array(5).fill('100'))", timeout=10)
+        rows = chromium.evaluate("[...document.querySelectorAll('#fleet tbody th')].map(th => th.textContent.trim())")
+        assert chromium.evaluate("window.loadedOnce") is True
+        chromium.screenshot(tmp_path / "fleet-page.png")
+    assert rows == ["26-9a-66-01-33-83", "18-b8-87-e7-1f-06", "38-4e-73-e0-33-59", "60-6b-44-84-dc-64", "b4-45-52-a2-f1-3c"]
+    assert chromium.errors == []
+    assert {urllib.parse.urlsplit(request).netloc for request in chromium.requests} == {f"127.0.0.1:{port}"}
+    assert "5 of 5 published results match" in capsys.readouterr().out
+
+
+@given(online=st.integers(0, 10**6), first=st.integers(-10**9, 10**9), span=st.integers(0, 10**6))
+def test_uptime_sql_is_uptime_percent_to_the_last_bit(online, first, span):
+    """The fleet page orders and summarises by fleetmon.UPTIME_SQL, uptime_percent's twin."""
+    last = first + span if online else None
+    first = first if online else None
+    with closing(sqlite3.connect(":memory:")) as db:
+        in_sql = db.execute(
+            f"SELECT {fleetmon.UPTIME_SQL} FROM (SELECT ? AS online_minutes, ? AS first_minute, ? AS last_minute)",
+            (online, first, last),
+        ).fetchone()[0]
+    assert in_sql == uptime_percent(online, first, last)
