@@ -1176,17 +1176,28 @@ def test_simulate_without_fleetmon_is_one_line_and_exit_2(capsys):
     assert printed.err.count("\n") == 1
 
 
-def test_simulate_makes_a_believable_fleet_of_any_devices_file(tmp_path, capsys):
-    others = [f"cam-{number:02d}" for number in range(20)]
-    devices = write(tmp_path / "devices.csv", "\n".join(["device_id", *PUBLISHED_DAYS, *others]).encode())
+def test_simulate_drives_any_devices_file_and_one_device_stays_silent(tmp_path, capsys):
+    devices = write(tmp_path / "devices.csv", "\n".join(["device_id", *PUBLISHED_DAYS, "cam-1", "cam-2"]).encode())
     with open_app(tmp_path / "fleet.db", devices) as app, waitress_server(app) as port:
-        status = fleetmon.main(["simulate", "--url", f"http://127.0.0.1:{port}", "--devices", str(devices), "--seed", "7"])
+        status = fleetmon.main(["simulate", "--url", f"http://127.0.0.1:{port}", "--devices", str(devices)])
     assert status == 0
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:-1]}
-    assert rows["cam-00"] == ["-", "-"]  # one device sends nothing
-    uptimes = sorted(float(rows[device_id][0]) for device_id in others[1:])
-    assert uptimes[0] < 90 and uptimes[-1] > 99  # some flaky, most steady
-    assert len(set(uptimes)) > 10
+    assert rows["cam-1"] == ["-", "-"]  # the first device not the vendor's sends nothing
+    assert float(rows["cam-2"][0]) > 0
+
+
+def test_simulated_days_are_repeatable_per_seed_and_make_a_varied_fleet():
+    def uptime(day):
+        minutes = {utc_minute(event.body["sent_at"]) for event in day if event.path.endswith("/heartbeat")}
+        return uptime_percent(len(minutes), min(minutes), max(minutes))
+
+    fleet = [simulated_day(f"cam-{number:03d}", seed=7) for number in range(100)]
+    assert fleet == [simulated_day(f"cam-{number:03d}", seed=7) for number in range(100)]
+    assert fleet != [simulated_day(f"cam-{number:03d}", seed=8) for number in range(100)]
+    uptimes = sorted(uptime(day) for day in fleet)
+    assert uptimes[0] < 90  # some flaky
+    assert uptimes[50] > 99  # most steady
+    assert all(len([event for event in day if event.path.endswith("/stats")]) == 100 for day in fleet)
 
 
 # --- The fleet page ----------------------------------------------------------------------------
