@@ -870,7 +870,6 @@ def serve(app: Flask, host: str, port: int) -> None:
         stop.set()
         reporter.join()
         server.close()
-        close_storage(app)
 
 
 # --- Simulator ----------------------------------------------------------------------
@@ -1114,7 +1113,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fleetmon: port {args.port} is outside 0-65535", file=sys.stderr)
         return 1
     try:
-        serve(create_app(database=args.db, devices_csv=args.devices), args.host, args.port)
+        app = create_app(database=args.db, devices_csv=args.devices)
+        try:
+            serve(app, args.host, args.port)
+        finally:
+            close_storage(app)
     except StartupError as error:
         print(f"fleetmon: {error}", file=sys.stderr)
         return 1
