@@ -12,6 +12,7 @@ time, exactly as the device simulator computes them.
 
 import argparse
 import csv
+import errno
 import json
 import logging
 import re
@@ -853,15 +854,17 @@ def serve(app: Flask, host: str, port: int) -> None:
     try:
         server = create_server(app, host, port)
     except OSError as error:
-        raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+        in_use = error.errno == errno.EADDRINUSE
+        reason = "the port is in use (another fleetmon? --port chooses another)" if in_use else error.strerror
+        raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
     activity = Activity()
     app.after_request(activity.count)
     stop = threading.Event()
     reporter = threading.Thread(target=report_activity, args=(activity, stop), name="fleetmon activity")
     devices = len(app.config["DEVICE_IDS"])
     url = f"http://{host}:{server.effective_port}"
-    print(f"fleetmon: {devices:,} device{'s' if devices != 1 else ''} from {app.config['DEVICES_CSV']}, "
-          f"database {app.config['DATABASE']}")
+    print(f"fleetmon: {devices:,} device{'s' if devices != 1 else ''} from {app.config['DEVICES_CSV'].absolute()}, "
+          f"database {app.config['DATABASE'].absolute()}")
     print(f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)", flush=True)
     reporter.start()
     try:
