@@ -13,8 +13,10 @@ time, exactly as the device simulator computes them.
 import argparse
 import csv
 import errno
+import http.client
 import json
 import logging
+import math
 import re
 import socket
 import sqlite3
@@ -27,7 +29,7 @@ from collections.abc import Iterable
 from contextlib import closing
 from datetime import UTC, datetime, timedelta, timezone
 from heapq import merge
-from http.client import HTTPConnection, RemoteDisconnected
+from http.client import HTTPConnection
 from pathlib import Path
 from random import Random
 from typing import NamedTuple
@@ -68,6 +70,7 @@ BUSY_TIMEOUT_SECONDS = 10
 # `flask run`, with a thread a request, reuses them too.
 IDLE_CONNECTIONS_KEPT = 8
 FLEET_PAGE_ROWS = 100
+MAX_FLEET_PAGE = 1_000_000
 DEBUG_PAGE_LIMIT = 1000
 STRIP_MINUTES = 24 * 60
 ACTIVITY_INTERVAL_SECONDS = 10
@@ -84,7 +87,8 @@ WAITRESS_SETTINGS = {
     # Drop a connection that has sent nothing for this long, checked this often.
     "channel_timeout": 15,
     "cleanup_interval": 5,
-    # Refuse a larger body from its Content-Length, before reading it.
+    # Refuse a larger body from its Content-Length, before reading it. waitress refuses
+    # a length equal to its limit too, hence the one byte more.
     "max_request_body_size": MAX_BODY_BYTES + 1,
 }
 
@@ -194,6 +198,7 @@ def init_storage(app: Flask) -> None:
                 "INSERT INTO listed_devices (device_id) VALUES (?)",
                 ((device_id,) for device_id in app.config["DEVICE_IDS"]),
             )
+            # "WHERE true": SQLite's grammar needs a WHERE before the ON CONFLICT of an INSERT ... SELECT.
             db.execute(
                 "INSERT INTO device_stats (device_id) SELECT device_id FROM listed_devices WHERE true"
                 " ON CONFLICT (device_id) DO NOTHING"
@@ -306,16 +311,20 @@ def read_fleet_summary(db: sqlite3.Connection) -> tuple[sqlite3.Row, list[float]
     return totals, [uptime for (uptime,) in uptimes]
 
 
-def read_worst_first(db: sqlite3.Connection, text: str, offset: int, limit: int) -> tuple[int, list[sqlite3.Row]]:
-    """Listed devices whose id contains `text`: how many, and one page of them, those
-    that sent something first, worst uptime first, then by id."""
-    where = "WHERE instr(lower(device_id), lower(:text)) > 0"
-    matching = db.execute(
-        f"SELECT count(*) FROM listed_devices {where}", {"text": text}
-    ).fetchone()[0]
-    rows = db.execute(
+ID_CONTAINS = "instr(lower(device_id), lower(:text)) > 0"
+
+
+def count_matching(db: sqlite3.Connection, text: str) -> int:
+    """How many listed devices have an id that contains `text`, in any case."""
+    return db.execute(f"SELECT count(*) FROM listed_devices WHERE {ID_CONTAINS}", {"text": text}).fetchone()[0]
+
+
+def read_worst_first(db: sqlite3.Connection, text: str, offset: int, limit: int) -> list[sqlite3.Row]:
+    """A page of the listed devices whose id contains `text`: those that sent something
+    first, worst uptime first, then by id."""
+    return db.execute(
         f"""
-        SELECT * FROM device_stats JOIN listed_devices USING (device_id) {where}
+        SELECT * FROM device_stats JOIN listed_devices USING (device_id) WHERE {ID_CONTAINS}
         ORDER BY online_minutes = 0 AND upload_count = 0,
                  {UPTIME_SQL},
                  device_id
@@ -323,7 +332,6 @@ def read_worst_first(db: sqlite3.Connection, text: str, offset: int, limit: int)
         """,
         {"text": text, "limit": limit, "offset": offset},
     ).fetchall()
-    return matching, rows
 
 
 def read_online_minutes(db: sqlite3.Connection, device_id: str, first: int, last: int) -> list[int]:
@@ -541,7 +549,8 @@ def _parse_int(digits: str) -> int:
 def json_object_body() -> dict:
     """The request body as a JSON object, whatever its Content-Type says."""
     try:
-        body = json.loads(request.get_data(), parse_constant=_refuse_constant, parse_int=_parse_int)
+        # Decoded here: given bytes, json.loads would also take UTF-16 and UTF-32.
+        body = json.loads(request.get_data().decode("utf-8"), parse_constant=_refuse_constant, parse_int=_parse_int)
     except InvalidBody as error:
         abort(400, str(error))
     except RecursionError:
@@ -619,11 +628,13 @@ def get_stats(device_id: str):
 @bp.get("/")
 def index():
     """The fleet page for a browser; for an API client, what this server is."""
-    page = int_argument("page", 1, 1, INT64_MAX // FLEET_PAGE_ROWS)  # checked for both, as the document says
+    page = int_argument("page", 1, 1, MAX_FLEET_PAGE)  # checked for both, as the document says
     if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
-        return fleet_page(request.args.get("q", "").strip(), page)
+        response = current_app.make_response(fleet_page(request.args.get("q", "").strip(), page))
+        response.vary.add("Accept")
+        return response
     device_ids = current_app.config["DEVICE_IDS"]
-    return {
+    response = current_app.make_response({
         "name": "fleetmon",
         "version": current_app.extensions["fleetmon.openapi"]["info"]["version"],
         "devices": len(device_ids),
@@ -633,13 +644,17 @@ def index():
             "openapi": url_for(".openapi_document"),
             "example_stats": url_for(".get_stats", device_id=min(device_ids)),
         },
-    }
+    })
+    response.vary.add("Accept")  # the same URL answers HTML or JSON
+    return response
 
 
-def fleet_page(text: str, page: int):
+def fleet_page(text: str, page: int) -> str:
     db = get_db()
-    matching, rows = read_worst_first(db, text, (page - 1) * FLEET_PAGE_ROWS, FLEET_PAGE_ROWS)
-    pages = max(1, -(-matching // FLEET_PAGE_ROWS))
+    matching = count_matching(db, text)
+    pages = max(1, math.ceil(matching / FLEET_PAGE_ROWS))
+    page = min(page, pages)  # past the end: the last page
+    rows = read_worst_first(db, text, (page - 1) * FLEET_PAGE_ROWS, FLEET_PAGE_ROWS)
 
     def page_url(number: int) -> str | None:
         if not 1 <= number <= pages:
@@ -718,8 +733,9 @@ def docs():
 def debug_devices():
     """The listed devices in id order, a page at a time: `next` continues the list."""
     limit = int_argument("limit", 100, 1, DEBUG_PAGE_LIMIT)
-    rows = read_listed_stats(get_db(), request.args.get("after", ""), limit)
-    more = len(rows) == limit
+    rows = read_listed_stats(get_db(), request.args.get("after", ""), limit + 1)  # one more: is there a next page?
+    more = len(rows) > limit
+    rows = rows[:limit]
     return {
         "devices": [
             {
@@ -797,7 +813,11 @@ def create_server(app: Flask, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     # With one worker thread requests queue by design; waitress would warn of every queue.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    server = waitress.create_server(app, sockets=[listener], **WAITRESS_SETTINGS)
+    try:
+        server = waitress.create_server(app, sockets=[listener], **WAITRESS_SETTINGS)
+    except BaseException:
+        listener.close()
+        raise
     server.channel_class = FleetmonChannel  # where waitress lets a server choose it
     return server
 
@@ -816,7 +836,8 @@ class Activity:
         self._lock = threading.Lock()
 
     def count(self, response):
-        """An after_request hook: count telemetry answered, and every error."""
+        """An after_request hook: count telemetry answered, and every error fleetmon
+        answers (not those waitress answers itself, before fleetmon sees the request)."""
         with self._lock:
             if response.status_code >= 400:
                 self._errors[response.status_code] += 1
@@ -918,9 +939,10 @@ def simulated_day(device_id: str, seed: int = 0) -> list[Telemetry]:
     if published:
         missed = random.sample(range(1, SIMULATED_DAY_MINUTES), SIMULATED_DAY_MINUTES + 1 - published.heartbeats)
         mean, spread = published.mean_ns, 7_919_113
-        # Half above the mean and half below, plus 37 ns: only truncating division gives the mean.
+        # Half above the mean and half below, plus 99 ns: truncating division gives the
+        # mean, rounding would give one more.
         uploads = [mean + sign * step * spread for step in range(UPLOADS_A_DAY // 2) for sign in (1, -1)]
-        uploads[0] += 37
+        uploads[0] += 99
     else:
         miss_rate = random.choice([0.002, 0.005, 0.01, 0.01, 0.02, random.uniform(0.05, 0.3)])
         missed = [m for m in range(1, SIMULATED_DAY_MINUTES) if random.random() < miss_rate]
@@ -936,7 +958,7 @@ def simulated_day(device_id: str, seed: int = 0) -> list[Telemetry]:
     for number, upload_time in enumerate(uploads):
         second = number * SIMULATED_DAY_MINUTES * 60 / len(uploads) + random.uniform(0, 200)
         telemetry.append(Telemetry(second, f"/api/v1/devices/{device_id}/stats", {"upload_time": upload_time}))
-    telemetry.sort()
+    telemetry.sort(key=lambda event: event.second)
     for event in telemetry:
         event.body["sent_at"] = rfc3339(SIMULATED_DAY_START + timedelta(seconds=event.second))
     for index in random.sample(range(len(telemetry) - 1), len(telemetry) // 100):
@@ -959,9 +981,13 @@ class Simulation:
 
     def __init__(self, url: str, device_ids: Iterable[str], seed: int, pace: float):
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise SimulatorError(f"--url must be an http:// URL, not {url!r}")
-        self.url, self.host, self.port = url, parts.hostname, parts.port or 80
+        try:
+            port = parts.port or 80
+        except ValueError:  # a port that is no number, or past 65535
+            port = None
+        if parts.scheme != "http" or not parts.hostname or port is None:
+            raise SimulatorError(f"--url must be an http:// URL with a valid port, not {url!r}")
+        self.url, self.host, self.port = url, parts.hostname, port
         self.device_ids = sorted(device_ids)
         # Of the devices not the vendor's, the first sends nothing: a fleet has its silent one.
         self.silent = min(set(self.device_ids) - set(PUBLISHED_DAYS), default=None)
@@ -993,7 +1019,7 @@ class Simulation:
         days = {device_id: simulated_day(device_id, self.seed) if device_id != self.silent else []
                 for device_id in self.device_ids}
         self.total = sum(map(len, days.values()))
-        clients = min(len(self.device_ids), self.MAX_CLIENTS) or 1
+        clients = min(len(self.device_ids), self.MAX_CLIENTS)
         # merge() keeps each day's own order, out-of-order sends included.
         shares = [list(merge(*(days[device_id] for device_id in self.device_ids[i::clients]),
                              key=lambda event: event.second))
@@ -1026,21 +1052,23 @@ class Simulation:
 
     @staticmethod
     def post(connection: HTTPConnection, event: Telemetry) -> int:
-        """POST one event; once more on a fresh connection if the server had closed this one."""
-        for attempt in (1, 2):
+        """POST one event: its status, or 0 if it got no answer.
+
+        A heartbeat is sent once more, on a fresh connection, if the server had closed the
+        connection (an idle one, say): a heartbeat counts once however often it comes. An
+        upload is not: it may have been stored before the connection broke.
+        """
+        attempts = 2 if event.path.endswith("/heartbeat") else 1
+        for _ in range(attempts):
             try:
                 connection.request("POST", event.path, body=json.dumps(event.body),
                                    headers={"Content-Type": "application/json"})
                 response = connection.getresponse()
                 response.read()
                 return response.status
-            except (ConnectionResetError, BrokenPipeError, RemoteDisconnected):
+            except (OSError, http.client.HTTPException):
                 connection.close()
-                if attempt == 2:
-                    return 0
-            except OSError:
-                connection.close()
-                return 0
+        return 0
 
     def show_progress(self, end: str = "") -> None:
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -1085,7 +1113,8 @@ def simulate(args: argparse.Namespace) -> int:
     passed = checks.count("PASS")
     print(f"simulate: {simulation.sent:,} requests sent, {simulation.failed:,} failed; "
           f"{passed} of {len(checks)} published results match")
-    return 0 if simulation.failed == 0 and passed == len(checks) else 1
+    all_sent = simulation.sent == simulation.total and simulation.failed == 0
+    return 0 if all_sent and passed == len(checks) else 1
 
 
 # --- Entry point --------------------------------------------------------------------
@@ -1100,7 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", title="commands")
     simulator = commands.add_parser("simulate", help="send a simulated day of telemetry to a running fleetmon")
     simulator.add_argument("--url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}", help="fleetmon's address (default %(default)s)")
-    simulator.add_argument("--devices", type=Path, default=DEFAULT_DEVICES_CSV, help="devices CSV (default: beside fleetmon.py)")
+    # SUPPRESS: given before `simulate` or after it, --devices is the same option.
+    simulator.add_argument("--devices", type=Path, default=argparse.SUPPRESS, help="devices CSV (default: beside fleetmon.py)")
     simulator.add_argument("--seed", type=int, default=0, help="draws the days of devices other than the vendor's (default %(default)s)")
     simulator.add_argument("--pace", type=float, default=0.0, metavar="SECONDS",
                            help="spread the day over this long (default: as fast as it goes)")

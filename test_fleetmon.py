@@ -536,6 +536,7 @@ SENT_AT = "2024-01-01T10:04:00Z"
     ("path", "body", "msg"),
     [
         *refusals(BOTH, "body is not valid JSON", b"", b"{", b"sent_at=2024-01-01T10:04:00Z", b"\xff\xfe{}",
+                  '{"sent_at": "2024-01-01T10:04:00Z"}'.encode("utf-16"),
                   b'{"sent_at": "2024-01-01T10:04:00Z", "x": NaN}', b'{"sent_at": "2024-01-01T10:04:00Z"} {}'),
         *refusals(BOTH, "body is nested too deeply", b"[" * 60_000),
         *refusals(BOTH, "body must be a JSON object", b"null", b"[]", b'"2024-01-01T10:04:00Z"'),
@@ -783,7 +784,7 @@ def test_debug_stats_show_the_telemetry_behind_the_stats(client):
         "first_online_minute": "2024-01-01T10:00:00Z",
         "last_online_minute": "2024-01-01T18:00:00Z",
         "upload_count": 100,
-        "upload_total_ns": 18_789_337_913_437,
+        "upload_total_ns": 18_789_337_913_499,
         "stats": {"uptime": 479 / 480 * 100, "avg_upload_time": "3m7.893379134s"},
     }
     assert response.get_json()["stats"] == client.get(stats_url()).get_json()
@@ -875,16 +876,14 @@ def test_any_sent_at(app, client, sent_at):
 # --- A real server: connections, limits and malformed HTTP -------------------------------
 
 
-def raw_exchange(port, data, timeout=5):
-    """Send raw bytes and read until the server closes or goes quiet; the bytes read."""
+def raw_exchange(port, data, timeout=10):
+    """Send raw bytes and read until the server closes the connection (a TimeoutError if
+    it does not); the bytes read."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
         received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except TimeoutError:
-            pass
+        while chunk := sock.recv(65536):
+            received += chunk
         return received
 
 
@@ -955,10 +954,15 @@ def test_hundreds_of_idle_and_slow_connections_do_not_lock_clients_out(app):
             assert http_request(connection, "GET", stats_url()) == (204, b"")
 
 
-def test_idle_connections_are_dropped_within_seconds():
+def test_idle_connections_are_dropped_within_seconds(app, monkeypatch):
     settings = fleetmon.WAITRESS_SETTINGS
     assert settings["channel_timeout"] + settings["cleanup_interval"] <= 30
     assert 400 < settings["connection_limit"] < 500  # Windows' select() watches 512 sockets at most
+    # The same settings, shortened, reach the server: an idle connection is closed.
+    monkeypatch.setitem(settings, "channel_timeout", 1)
+    monkeypatch.setitem(settings, "cleanup_interval", 1)
+    with waitress_server(app) as port:
+        assert raw_exchange(port, b"") == b""
 
 
 def test_a_body_far_over_the_limit_is_refused_before_it_is_sent(app):
@@ -1127,6 +1131,10 @@ def test_debug_devices_come_a_page_at_a_time(client):
     assert seen == [sorted(PUBLISHED_DAYS)[0:2], sorted(PUBLISHED_DAYS)[2:4], sorted(PUBLISHED_DAYS)[4:5]]
 
 
+def test_debug_devices_has_no_next_page_after_the_last_device(client):
+    assert client.get("/debug/devices?limit=5").get_json()["next"] is None
+
+
 @pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=ten", "limit=-1", "limit=²"])
 def test_debug_devices_limit_is_1_to_1000(client, query):
     response = client.get(f"/debug/devices?{query}")
@@ -1165,6 +1173,19 @@ def test_simulate_gives_the_published_table(app, capsys):
     table = [line.split() for line in printed.out.splitlines()[1:-1]]
     assert table == [[device_id, day.uptime, day.avg_upload_time, "PASS"] for device_id, day in sorted(PUBLISHED_DAYS.items())]
     assert printed.out.splitlines()[-1] == "simulate: 2,910 requests sent, 0 failed; 5 of 5 published results match"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "ftp://127.0.0.1", "127.0.0.1:6733"])
+def test_simulate_with_a_wrong_url_is_one_line_and_exit_2(capsys, url):
+    assert fleetmon.main(["simulate", "--url", url]) == 2
+    assert capsys.readouterr().err == f"simulate: --url must be an http:// URL with a valid port, not {url!r}\n"
+
+
+def test_simulate_takes_devices_before_or_after_the_command(tmp_path, capsys):
+    missing = tmp_path / "missing.csv"
+    for args in (["--devices", str(missing), "simulate"], ["simulate", "--devices", str(missing)]):
+        assert fleetmon.main(args) == 2
+        assert capsys.readouterr().err == f"simulate: cannot read devices file {missing}: No such file or directory\n"
 
 
 def test_simulate_without_fleetmon_is_one_line_and_exit_2(capsys):
@@ -1220,6 +1241,7 @@ def test_root_is_the_fleet_page_for_a_browser_and_json_for_an_api_client(client,
     response = client.get("/", headers={"Accept": accept} if accept else {})
     assert response.status_code == 200
     assert response.content_type == content_type
+    assert response.headers["Vary"] == "Accept"  # so that no cache serves one for the other
 
 
 def fleet_page(client, query=""):
@@ -1301,6 +1323,7 @@ def test_the_fleet_page_comes_100_rows_a_page_and_filters_by_id(tmp_path):
         assert listed_ids(filtered) == [f"cam-{n:03d}" for n in range(20, 30)]
         assert "10 devices match" in filtered
         assert listed_ids(fleet_page(client, "?q=nothing-like-it")) == []
+        assert listed_ids(fleet_page(client, "?page=9")) == listed_ids(pages[2])  # past the end: the last
         assert client.get("/?page=0", headers=HTML).status_code == 400
 
 
