@@ -164,6 +164,7 @@ class ConnectionPool:
         self.database = database
         self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def borrow(self) -> sqlite3.Connection:
         with self._lock:
@@ -173,13 +174,14 @@ class ConnectionPool:
 
     def give_back(self, db: sqlite3.Connection) -> None:
         with self._lock:
-            if len(self._idle) < IDLE_CONNECTIONS_KEPT:
+            if not self._closed and len(self._idle) < IDLE_CONNECTIONS_KEPT:
                 self._idle.append(db)
                 return
-        db.close()
+        db.close()  # one too many, or a request that outlived the pool
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for db in idle:
             db.close()
