@@ -17,6 +17,7 @@ import http.client
 import json
 import logging
 import math
+import os
 import re
 import socket
 import sqlite3
@@ -24,6 +25,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from contextlib import closing
@@ -87,6 +89,11 @@ WAITRESS_SETTINGS = {
     # Drop a connection that has sent nothing for this long, checked this often.
     "channel_timeout": 15,
     "cleanup_interval": 5,
+    # Let the socket thread send a response of up to this many bytes, not the worker:
+    # a worker sending for itself leaves the socket thread spinning on the channel's lock
+    # and holding the GIL while the worker waits for it, which collapses throughput
+    # with many clients. waitress 3.0.2 still honours it, with a DeprecationWarning.
+    "send_bytes": 18_000,
     # Refuse a larger body from its Content-Length, before reading it. waitress refuses
     # a length equal to its limit too, hence the one byte more.
     "max_request_body_size": MAX_BODY_BYTES + 1,
@@ -816,7 +823,9 @@ def create_server(app: Flask, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     # With one worker thread requests queue by design; waitress would warn of every queue.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:
-        server = waitress.create_server(app, sockets=[listener], **WAITRESS_SETTINGS)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "send_bytes", DeprecationWarning)  # see WAITRESS_SETTINGS
+            server = waitress.create_server(app, sockets=[listener], **WAITRESS_SETTINGS)
     except BaseException:
         listener.close()
         raise
@@ -880,6 +889,10 @@ def serve(app: Flask, host: str, port: int) -> None:
         in_use = error.errno == errno.EADDRINUSE
         reason = "the port is in use (another fleetmon? --port chooses another)" if in_use else error.strerror
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
+    if hasattr(os, "sched_setaffinity"):  # Linux
+        # waitress's two threads on one core hand the GIL to each other at once; on two
+        # cores each waits out Python's switch interval (README.md, "Many clients at once").
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     activity = Activity()
     app.after_request(activity.count)
     stop = threading.Event()
