@@ -946,8 +946,9 @@ def simulated_day(device_id: str, seed: int = 0) -> list[Telemetry]:
     """A day of a device's telemetry, in the order it sends it.
 
     The vendor's devices get a day that gives exactly its published stats; any other
-    device a day drawn from the seed and its id, most steady and some flaky. Heartbeats come once a minute, with a few retries within a minute and
-    a few sent out of order; uploads about every five minutes.
+    device a day drawn from the seed and its id, most steady and some flaky. Heartbeats
+    come once a minute, with a few retries within a minute and a few sent out of order;
+    uploads about every five minutes.
     """
     random = Random(f"{seed}:{device_id}")
     published = PUBLISHED_DAYS.get(device_id)
@@ -1007,7 +1008,8 @@ class Simulation:
         # Of the devices not the vendor's, the first sends nothing: a fleet has its silent one.
         self.silent = min(set(self.device_ids) - set(PUBLISHED_DAYS), default=None)
         self.seed, self.pace = seed, pace
-        self.sent = self.failed = 0
+        self.total = self.sent = self.failed = 0
+        self.started = time.monotonic()
         self.stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -1120,7 +1122,10 @@ def simulate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nsimulate: stopped; {simulation.sent:,} requests sent, {simulation.failed:,} failed", file=sys.stderr)
         return 1
-    table = simulation.results()
+    try:
+        table = simulation.results()
+    except (OSError, http.client.HTTPException) as error:
+        raise SimulatorError(f"{simulation.url} stopped answering before the results were read ({error})") from None
     print(f"{'device_id':<20} {'uptime':>10}  {'avg_upload_time':<18} check")
     for device_id, uptime, average, verdict in table:
         print(f"{device_id:<20} {uptime:>10}  {average:<18} {verdict}".rstrip())
