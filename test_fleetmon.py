@@ -4,7 +4,6 @@ storage, and fleetmon's own waitress server under concurrent load and kill -9.
 Run with ``python -m pytest``.
 """
 
-import base64
 import html
 import importlib.metadata
 import json
@@ -12,19 +11,14 @@ import os
 import queue
 import random
 import re
-import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 import urllib.parse
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, closing, contextmanager, suppress
+from contextlib import ExitStack, closing, contextmanager
 from datetime import datetime, timedelta
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
@@ -1325,240 +1319,6 @@ def test_the_fleet_page_comes_100_rows_a_page_and_filters_by_id(tmp_path):
         assert listed_ids(fleet_page(client, "?q=nothing-like-it")) == []
         assert listed_ids(fleet_page(client, "?page=9")) == listed_ids(pages[2])  # past the end: the last
         assert client.get("/?page=0", headers=HTML).status_code == 400
-
-
-# --- The fleet page in a real browser ------------------------------------------------------------
-
-# A minimal Chrome DevTools Protocol driver, standard library only: checking the page needs
-# a real browser (layout, the script, the requests it makes) but not Selenium, Playwright or
-# a websocket library. Chromium's --remote-debugging-pipe speaks CDP as JSON messages ended
-# by a NUL byte, reading them on its fd 3 and writing them on its fd 4. POSIX only.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--remote-debugging-pipe"]
-
-
-class CDPError(RuntimeError):
-    """The browser answered with an error, went away, or did not answer in time."""
-
-
-class Chromium:
-    """One headless Chromium with one page attached. Use it as a context manager: leaving
-    it closes the browser, the pipes and the temporary profile."""
-
-    def __init__(self, binary, width=1280, height=900, timeout=20.0):
-        self.binary, self.width, self.height, self.timeout = binary, width, height, timeout
-        self.requests: list[str] = []  # every URL the page asked for, in order
-        self.errors: list[str] = []  # every uncaught JavaScript exception in the page
-        self.profile = None  # the temporary --user-data-dir, while the browser runs
-        self._messages: queue.Queue = queue.Queue()  # filled by the reader thread
-        self._next_id, self._session, self._loaded = 0, None, False
-        self._process = self._reader = self._to_browser = self._from_browser = None
-
-    def __enter__(self):
-        self._profile_dir = tempfile.TemporaryDirectory(prefix="cdp-profile-")
-        self.profile = self._profile_dir.name
-        try:
-            self._launch()
-            target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-            attached = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})
-            self._session = attached["sessionId"]  # from now on, commands go to the page
-            self.call("Page.enable")  # for Page.loadEventFired
-            self.call("Network.enable")  # for Network.requestWillBeSent
-            self.call("Runtime.enable")  # for Runtime.exceptionThrown
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    def _launch(self):
-        import fcntl  # POSIX only, as this test is
-
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
-        # Popen keeps passed fds at their own numbers and Chromium wants exactly 3 and 4:
-        # move the child's ends to 10 and up, and let bash renumber them as it execs Chromium.
-        child_in = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD_CLOEXEC, 10)
-        child_out = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD_CLOEXEC, 10)
-        os.close(to_browser_r)
-        os.close(from_browser_w)
-        script = f'exec "$0" "$@" 3<&{child_in} 4>&{child_out} {child_in}<&- {child_out}>&-'
-        argv = [self.binary, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
-                f"--window-size={self.width},{self.height}"]
-        try:
-            with open(os.path.join(self.profile, "stderr.log"), "wb") as log:
-                self._process = subprocess.Popen(
-                    ["/bin/bash", "-c", script, *argv], pass_fds=(child_in, child_out),
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                    start_new_session=True)  # its own process group, for close() to kill
-        finally:  # the child has its own copies; ours would keep the pipes open forever
-            os.close(child_in)
-            os.close(child_out)
-        self._reader = threading.Thread(target=self._read, name="cdp-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        """Reader thread: split the browser's output into messages; None marks its end.
-        A thread, so that every wait elsewhere can be a queue.get with a timeout."""
-        buffer = b""
-        while chunk := os.read(self._from_browser, 1 << 16):
-            *messages, buffer = (buffer + chunk).split(b"\0")
-            for message in messages:
-                self._messages.put(json.loads(message))
-        self._messages.put(None)
-
-    def _stderr_tail(self, size=400):
-        with open(os.path.join(self.profile, "stderr.log"), "rb") as log:
-            log.seek(max(0, log.seek(0, os.SEEK_END) - size))
-            return log.read().decode(errors="replace").strip()
-
-    def _receive(self, deadline, waiting_for):
-        """The next message, noting the events we track; CDPError at the deadline."""
-        try:
-            message = self._messages.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise CDPError(f"Chromium sent nothing in time while waiting for {waiting_for}") from None
-        if message is None:
-            self._messages.put(None)  # so that any later wait fails at once too
-            raise CDPError(f"Chromium closed its pipe while waiting for {waiting_for}; "
-                           f"its stderr ends: {self._stderr_tail()!r}")
-        if message.get("sessionId") == self._session and "method" in message:
-            if message["method"] == "Network.requestWillBeSent":
-                self.requests.append(message["params"]["request"]["url"])
-            elif message["method"] == "Page.loadEventFired":
-                self._loaded = True
-            elif message["method"] == "Runtime.exceptionThrown":
-                details = message["params"]["exceptionDetails"]
-                self.errors.append(details.get("exception", {}).get("description") or details["text"])
-        return message
-
-    def call(self, method, params=None, timeout=None):
-        """Send one command (to the page once attached) and return its result."""
-        self._next_id += 1
-        message = {"id": self._next_id, "method": method, "params": params or {}}
-        if self._session:
-            message["sessionId"] = self._session
-        data = json.dumps(message).encode() + b"\0"
-        try:
-            while data:  # a blocking pipe write can still be partial
-                data = data[os.write(self._to_browser, data):]
-        except BrokenPipeError:
-            raise CDPError(f"Chromium is gone (sending {method}); "
-                           f"its stderr ends: {self._stderr_tail()!r}") from None
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while (answer := self._receive(deadline, method)).get("id") != self._next_id:
-            pass  # events, already noted by _receive
-        if "error" in answer:
-            raise CDPError(f"{method}: {answer['error'].get('message')}")
-        return answer["result"]
-
-    def navigate(self, url):
-        """Go to url and return once its load event has fired."""
-        self._loaded = False
-        error = self.call("Page.navigate", {"url": url}).get("errorText")
-        if error:
-            raise CDPError(f"navigating to {url}: {error}")
-        deadline = time.monotonic() + self.timeout
-        while not self._loaded:
-            self._receive(deadline, f"the load event of {url}")
-
-    def evaluate(self, expression):
-        """The value of a JavaScript expression in the page, awaited if it is a promise."""
-        result = self.call("Runtime.evaluate", {"expression": expression,
-                                                "returnByValue": True, "awaitPromise": True})
-        if "exceptionDetails" in result:
-            details = result["exceptionDetails"]
-            thrown = details.get("exception", {}).get("description") or details["text"]
-            raise CDPError(f"{expression!r} threw {thrown}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression, timeout=None, interval=0.1):
-        """Poll expression until its value is truthy in Python, and return it; CDPError after
-        timeout s. Values travel as JSON, so a DOM node arrives as {}: test it with !!."""
-        timeout = timeout or self.timeout
-        deadline = time.monotonic() + timeout
-        while not (value := self.evaluate(expression)):
-            if time.monotonic() > deadline:
-                raise CDPError(f"{expression!r} still falsy after {timeout} s")
-            time.sleep(interval)
-        return value
-
-    def screenshot(self, path, width=None):
-        """Save a PNG of the whole page laid out width CSS pixels wide (as a phone below 600).
-        The width stays in force afterwards, as a resized window would."""
-        width = width or self.width
-        self.call("Emulation.setDeviceMetricsOverride", {
-            "width": width, "height": self.height, "deviceScaleFactor": 1, "mobile": width < 600})
-        height = self.evaluate("document.documentElement.scrollHeight")
-        clip = {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}
-        shot = self.call("Page.captureScreenshot",
-                         {"format": "png", "clip": clip, "captureBeyondViewport": True})
-        with open(path, "wb") as file:
-            file.write(base64.b64decode(shot["data"]))
-
-    def close(self):
-        """Close the browser, then the pipes, then the profile. Safe to call twice."""
-        if self._process and self._process.poll() is None:
-            self._session = None  # Browser.close goes to the browser, not the page
-            deadline = time.monotonic() + 5
-            with suppress(CDPError, OSError):  # it may exit before it answers
-                self.call("Browser.close", timeout=5)
-            try:
-                self._process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:  # hung: kill it and its helpers, which would
-                os.killpg(self._process.pid, signal.SIGKILL)  # go on writing to the profile
-                self._process.wait()
-        if self._to_browser is not None:
-            os.close(self._to_browser)
-            self._to_browser = None
-        if self._reader:
-            self._reader.join(timeout=5)  # it ends at EOF, once the browser has exited
-        if self._from_browser is not None and not (self._reader and self._reader.is_alive()):
-            os.close(self._from_browser)  # never under a thread that may still read it
-            self._from_browser = None
-        if self.profile:
-            self._profile_dir.cleanup()
-            self.profile = None
-
-
-CHROMIUM = shutil.which("chromium")
-
-
-@pytest.fixture
-def chromium():
-    if CHROMIUM is None or sys.platform == "win32":
-        reason = "the browser test needs Debian's chromium (apt-get install -y chromium) on Linux"
-        warnings.warn(reason, stacklevel=1)  # so that the reason shows in pytest's summary
-        pytest.skip(reason)
-    with Chromium(CHROMIUM) as browser:
-        yield browser
-
-
-def test_the_fleet_page_fills_in_live_in_a_browser(app, chromium, tmp_path, capsys):
-    with waitress_server(app) as port:
-        url = f"http://127.0.0.1:{port}/"
-        chromium.navigate(url)
-        assert chromium.evaluate("document.querySelectorAll('#fleet .badge').length") == 5  # all silent
-        chromium.evaluate("window.loadedOnce = true")  # gone if the page reloads
-        simulation = threading.Thread(target=fleetmon.main, args=(["simulate", "--url", url, "--pace", "3"],))
-        simulation.start()
-        try:
-            chromium.wait_for("document.querySelectorAll('#fleet .strip[role=group]').length === 5", timeout=60)
-        finally:
-            simulation.join()
-        # The last refresh after the simulated day: every device with its 100 uploads.
-        uploads = "[...document.querySelectorAll('#fleet tbody tr td:nth-child(5)')].map(td => td.textContent)"
-        chromium.wait_for(f"JSON.stringify({uploads}) === JSON.stringify(Array(5).fill('100'))", timeout=10)
-        rows = chromium.evaluate("[...document.querySelectorAll('#fleet tbody th')].map(th => th.textContent.trim())")
-        assert chromium.evaluate("window.loadedOnce") is True
-        chromium.screenshot(tmp_path / "fleet-page.png")
-    assert rows == ["26-9a-66-01-33-83", "18-b8-87-e7-1f-06", "38-4e-73-e0-33-59", "60-6b-44-84-dc-64", "b4-45-52-a2-f1-3c"]
-    assert chromium.errors == []
-    assert {urllib.parse.urlsplit(request).netloc for request in chromium.requests} == {f"127.0.0.1:{port}"}
-    assert "5 of 5 published results match" in capsys.readouterr().out
 
 
 @given(online=st.integers(0, 10**6), first=st.integers(-10**9, 10**9), span=st.integers(0, 10**6))
