@@ -2,10 +2,13 @@
 
 Devices post a heartbeat every minute and, after each video upload, how long it took.
 fleetmon keeps both in SQLite and answers, per device, its uptime and its mean upload
-time, exactly as the device simulator computes them.
+time, exactly as the vendor's device simulator computes them. That is the contract, and
+this module tells it first: settings, the maths, storage, the three views, and serving
+them on waitress. The rest follows, marked as such: knowing which devices are down and
+saying so, the fleet and device pages, metrics, retention, the debug views and the docs.
 
     python fleetmon.py             serve (see --help)
-    python fleetmon.py simulate    drive a running fleetmon with a simulated day
+    python simulator.py            drive it with the vendor's simulated day
 
 ``flask --app fleetmon run`` works too, for development.
 """
@@ -17,26 +20,23 @@ import http.client
 import json
 import logging
 import math
-import os
 import re
 import socket
 import sqlite3
-import statistics
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
-from collections import Counter
-from collections.abc import Iterable
-from contextlib import closing
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
-from heapq import merge
-from http.client import HTTPConnection
 from pathlib import Path
-from random import Random
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
+import prometheus_client
 import waitress
 from flask import (
     Blueprint,
@@ -48,314 +48,33 @@ from flask import (
     request,
     url_for,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from swagger_ui_bundle import swagger_ui_path
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask, WSGITask
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import Conflict, HTTPException, InternalServerError
 
-# --- Configuration ------------------------------------------------------------------
+# --- Settings -----------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DEVICES_CSV = HERE / "devices.csv"
 DEFAULT_DATABASE = HERE / "fleetmon.db"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6733
+# A device beats once a minute: five missed beats in a row is an outage, not a hiccup.
+DEFAULT_DOWN_AFTER_SECONDS = 5 * 60
 
 MAX_BODY_BYTES = 64 * 1024
 INT64_MAX = 2**63 - 1
 # Python will not turn a longer run of digits into an int (sys.get_int_max_str_digits).
-MAX_JSON_INTEGER_DIGITS = 4300
-# How long a statement waits for another process's write lock on the same database
-# before it fails. A write holds the lock for microseconds, a WAL checkpoint for milliseconds.
-BUSY_TIMEOUT_SECONDS = 10
-# Connections kept open between requests; more than the worker threads, so that
-# `flask run`, with a thread a request, reuses them too.
-IDLE_CONNECTIONS_KEPT = 8
-FLEET_PAGE_ROWS = 100
-MAX_FLEET_PAGE = 1_000_000
-DEBUG_PAGE_LIMIT = 1000
-STRIP_MINUTES = 24 * 60
-ACTIVITY_INTERVAL_SECONDS = 10
-
-# How waitress serves fleetmon (README.md, "Performance" and "Reliability", says why):
-WAITRESS_SETTINGS = {
-    # Python runs one thread at a time and SQLite takes one writer at a time, so more
-    # worker threads only add hand-offs. Slow clients hold no worker: waitress reads and
-    # writes sockets in a thread of its own.
-    "threads": 1,
-    # Enough for hundreds of idle or slow clients while staying under the 512 sockets
-    # that select() can watch on Windows.
-    "connection_limit": 450,
-    # Drop a connection that has sent nothing for this long, checked this often.
-    "channel_timeout": 15,
-    "cleanup_interval": 5,
-    # Let the socket thread send a response of up to this many bytes, not the worker:
-    # a worker sending for itself leaves the socket thread spinning on the channel's lock
-    # and holding the GIL while the worker waits for it, which collapses throughput
-    # with many clients. waitress 3.0.2 still honours it, with a DeprecationWarning.
-    "send_bytes": 18_000,
-    # Refuse a larger body from its Content-Length, before reading it. waitress refuses
-    # a length equal to its limit too, hence the one byte more.
-    "max_request_body_size": MAX_BODY_BYTES + 1,
-}
+MAX_INTEGER_DIGITS = 4300
 
 
 class StartupError(Exception):
     """A problem that stops fleetmon from starting, told in one line."""
 
 
-# --- Devices file -------------------------------------------------------------------
-
-
-def load_device_ids(path: Path) -> frozenset[str]:
-    """Read the ids under the ``device_id`` column of a CSV file.
-
-    Tolerates what spreadsheets write: a UTF-8 byte-order mark, spaces around values,
-    blank lines and repeated ids. Refuses a file that lists no device, and an id that
-    no URL can reach.
-    """
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as file:
-            rows = list(enumerate(csv.reader(file), start=1))
-    except OSError as error:
-        raise StartupError(f"cannot read devices file {path}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise StartupError(f"devices file {path} is not UTF-8 text") from None
-    header = [name.strip() for name in rows[0][1]] if rows else []
-    if "device_id" not in header:
-        raise StartupError(f"devices file {path} has no device_id column in its first line")
-    column = header.index("device_id")
-    device_ids = set()
-    for line, row in rows[1:]:
-        device_id = row[column].strip() if len(row) > column else ""
-        if "/" in device_id:
-            raise StartupError(f"devices file {path}, line {line}: device id {device_id!r} contains '/', "
-                               "which no URL can carry")
-        if device_id:
-            device_ids.add(device_id)
-    if not device_ids:
-        raise StartupError(f"devices file {path} lists no devices under device_id")
-    return frozenset(device_ids)
-
-
-# --- Storage ------------------------------------------------------------------------
-
-
-def connect(database: Path) -> sqlite3.Connection:
-    # Autocommit: each statement below is a whole transaction, committed before execute()
-    # returns, triggers included. So a 204 is only sent for what is committed.
-    # check_same_thread=False: the pool lends a connection to one request at a time,
-    # whichever thread serves it.
-    db = sqlite3.connect(
-        database, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-    )
-    db.row_factory = sqlite3.Row
-    try:
-        # In WAL mode, NORMAL still makes every commit survive the process being killed;
-        # only a power cut or OS crash can take back the last few.
-        db.execute("PRAGMA synchronous = NORMAL")
-    except sqlite3.Error:  # a file that is not a database, say
-        db.close()
-        raise
-    return db
-
-
-class ConnectionPool:
-    """Open connections to one database, each lent to one request at a time.
-
-    Flask's tutorial opens a connection per request; keeping them costs nothing and
-    saves more than the rest of a heartbeat costs (README.md, "Performance").
-    """
-
-    def __init__(self, database: Path):
-        self.database = database
-        self._idle: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def borrow(self) -> sqlite3.Connection:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return connect(self.database)
-
-    def give_back(self, db: sqlite3.Connection) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < IDLE_CONNECTIONS_KEPT:
-                self._idle.append(db)
-                return
-        db.close()  # one too many, or a request that outlived the pool
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for db in idle:
-            db.close()
-
-
-def init_storage(app: Flask) -> None:
-    """Apply schema.sql, list the app's devices, and give the app its connections."""
-    database = app.config["DATABASE"]
-    try:
-        with closing(connect(database)) as db:
-            with app.open_resource("schema.sql") as schema:
-                db.executescript(schema.read().decode("utf-8"))
-            db.execute("BEGIN")
-            db.execute("DELETE FROM listed_devices")
-            db.executemany(
-                "INSERT INTO listed_devices (device_id) VALUES (?)",
-                ((device_id,) for device_id in app.config["DEVICE_IDS"]),
-            )
-            # "WHERE true": SQLite's grammar needs a WHERE before the ON CONFLICT of an INSERT ... SELECT.
-            db.execute(
-                "INSERT INTO device_stats (device_id) SELECT device_id FROM listed_devices WHERE true"
-                " ON CONFLICT (device_id) DO NOTHING"
-            )
-            db.execute("COMMIT")
-    except sqlite3.Error as error:
-        raise StartupError(f"cannot use database {database}: {error}") from None
-    app.extensions["fleetmon.pool"] = ConnectionPool(database)
-    # Under waitress one worker thread writes and this lock is never contended. Under
-    # `flask run` or in threaded tests, concurrent writers queue here and are handed the
-    # database at once, instead of polling SQLite's lock between sleeps. It orders the
-    # writers of this process only; another process is waited for by the busy timeout.
-    app.extensions["fleetmon.write_lock"] = threading.Lock()
-    app.teardown_appcontext(release_db)
-
-
-def close_storage(app: Flask) -> None:
-    """Close the app's idle connections: the end of its life (a test's, the server's)."""
-    app.extensions["fleetmon.pool"].close()
-
-
-def get_db() -> sqlite3.Connection:
-    """The connection this request uses, borrowed from the app's pool."""
-    if "db" not in g:
-        g.db = current_app.extensions["fleetmon.pool"].borrow()
-    return g.db
-
-
-def release_db(error: BaseException | None) -> None:
-    """Give the request's connection back; close it instead if a database error
-    ended the request, so that the next request starts afresh (for instance on a
-    connection SQLite opened read-only while the file was read-only)."""
-    db = g.pop("db", None)
-    if db is None:
-        return
-    if isinstance(error, sqlite3.Error):
-        db.close()
-    else:
-        current_app.extensions["fleetmon.pool"].give_back(db)
-
-
-def write_lock() -> threading.Lock:
-    return current_app.extensions["fleetmon.write_lock"]
-
-
-def record_heartbeat(db: sqlite3.Connection, device_id: str, minute: int) -> None:
-    """Mark a minute online; the trigger count_online_minute updates device_stats."""
-    db.execute(
-        "INSERT INTO heartbeat_minutes (device_id, minute) VALUES (?, ?)"
-        " ON CONFLICT (device_id, minute) DO NOTHING",
-        (device_id, minute),
-    )
-
-
-def record_upload(db: sqlite3.Connection, device_id: str, sent_at: str, upload_time_ns: int) -> bool:
-    """Store one upload, and through the trigger add_upload count it in device_stats.
-
-    Returns False, storing nothing, if it would overflow the device's total: SQLite would
-    turn the sum into an inexact float, so the guard is written so that it cannot overflow.
-    """
-    inserted = db.execute(
-        """
-        INSERT INTO uploads (device_id, sent_at, upload_time_ns)
-        SELECT device_id, :sent_at, :upload_time_ns
-        FROM device_stats
-        WHERE device_id = :device_id AND upload_total_ns <= :int64_max - :upload_time_ns
-        """,
-        {"device_id": device_id, "sent_at": sent_at, "upload_time_ns": upload_time_ns, "int64_max": INT64_MAX},
-    ).rowcount
-    return inserted == 1
-
-
-def read_device_stats(db: sqlite3.Connection, device_id: str) -> sqlite3.Row:
-    return db.execute("SELECT * FROM device_stats WHERE device_id = ?", (device_id,)).fetchone()
-
-
-def read_listed_stats(db: sqlite3.Connection, after: str, limit: int) -> list[sqlite3.Row]:
-    """The listed devices' aggregates in id order, from the first id after `after`."""
-    return db.execute(
-        "SELECT * FROM device_stats JOIN listed_devices USING (device_id)"
-        " WHERE device_id > ? ORDER BY device_id LIMIT ?",
-        (after, limit),
-    ).fetchall()
-
-
-# uptime_percent's twin in SQL, for the fleet page to order and summarise a whole fleet
-# without a Python call per device; the same operations in the same order, so the same
-# double to the last bit (test_fleetmon.py holds them to it).
-UPTIME_SQL = """
-    CASE WHEN online_minutes = 0 THEN 0.0
-         WHEN last_minute = first_minute THEN 100.0
-         ELSE min(online_minutes * 1.0 / (last_minute - first_minute) * 100, 100.0) END"""
-
-
-def read_fleet_summary(db: sqlite3.Connection) -> tuple[sqlite3.Row, list[float]]:
-    """Counts and sums over the listed devices, and the uptimes of those that sent something."""
-    reporting = "online_minutes > 0 OR upload_count > 0"
-    totals = db.execute(
-        f"""
-        SELECT count(*) AS known, count(*) FILTER (WHERE {reporting}) AS reporting,
-               max(last_minute) AS newest_minute, sum(upload_count) AS uploads,
-               -- in two halves, so that neither sum can overflow SQLite's 64-bit integers
-               sum(upload_total_ns >> 32) AS total_high, sum(upload_total_ns & 0xffffffff) AS total_low
-        FROM device_stats JOIN listed_devices USING (device_id)
-        """
-    ).fetchone()
-    uptimes = db.execute(
-        f"SELECT {UPTIME_SQL} FROM device_stats JOIN listed_devices USING (device_id) WHERE {reporting}"
-    ).fetchall()
-    return totals, [uptime for (uptime,) in uptimes]
-
-
-ID_CONTAINS = "instr(lower(device_id), lower(:text)) > 0"
-
-
-def count_matching(db: sqlite3.Connection, text: str) -> int:
-    """How many listed devices have an id that contains `text`, in any case."""
-    return db.execute(f"SELECT count(*) FROM listed_devices WHERE {ID_CONTAINS}", {"text": text}).fetchone()[0]
-
-
-def read_worst_first(db: sqlite3.Connection, text: str, offset: int, limit: int) -> list[sqlite3.Row]:
-    """A page of the listed devices whose id contains `text`: those that sent something
-    first, worst uptime first, then by id."""
-    return db.execute(
-        f"""
-        SELECT * FROM device_stats JOIN listed_devices USING (device_id) WHERE {ID_CONTAINS}
-        ORDER BY online_minutes = 0 AND upload_count = 0,
-                 {UPTIME_SQL},
-                 device_id
-        LIMIT :limit OFFSET :offset
-        """,
-        {"text": text, "limit": limit, "offset": offset},
-    ).fetchall()
-
-
-def read_online_minutes(db: sqlite3.Connection, device_id: str, first: int, last: int) -> list[int]:
-    """The device's online minutes from first to last, a bounded range of the index."""
-    return [
-        minute
-        for (minute,) in db.execute(
-            "SELECT minute FROM heartbeat_minutes WHERE device_id = ? AND minute BETWEEN ? AND ?"
-            " ORDER BY minute",
-            (device_id, first, last),
-        )
-    ]
-
-
-# --- Pure functions: time, uptime, durations ----------------------------------------
+# --- The maths: time, uptime, durations ---------------------------------------------
 
 UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_MINUTE = timedelta(minutes=1)
@@ -367,11 +86,10 @@ RFC3339_DATE_TIME = re.compile(
 )
 
 
-def utc_minute(sent_at: str) -> int:
-    """The UTC minute that contains an RFC 3339 date-time, in minutes since the Unix epoch.
+def utc_datetime(sent_at: str) -> datetime:
+    """An RFC 3339 date-time with an explicit offset, in UTC, to the whole second.
 
-    Seconds and their fraction are dropped. Raises ValueError for anything that is not
-    RFC 3339 with an explicit offset, or that falls outside years 1-9999 in UTC.
+    Raises ValueError for anything else, or for a time outside years 1-9999 in UTC.
     """
     match = RFC3339_DATE_TIME.fullmatch(sent_at)
     if match is None:
@@ -380,15 +98,17 @@ def utc_minute(sent_at: str) -> int:
     offset = timedelta(hours=int(offset_hours or 0), minutes=int(offset_minutes or 0))
     if sign == "-":
         offset = -offset
-    local = datetime(
-        int(year), int(month), int(day), int(hour), int(minute), int(second),
-        tzinfo=timezone(offset),
-    )
+    local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=timezone(offset))
     try:
-        utc = local.astimezone(UTC)
+        return local.astimezone(UTC)
     except OverflowError:
         raise ValueError(f"outside years 1-9999 in UTC: {sent_at!r}") from None
-    return (utc - UNIX_EPOCH) // ONE_MINUTE
+
+
+def utc_minute(sent_at: str) -> int:
+    """The UTC minute that contains an RFC 3339 date-time, in minutes since the Unix
+    epoch: the seconds and their fraction dropped. Raises ValueError as utc_datetime."""
+    return (utc_datetime(sent_at) - UNIX_EPOCH) // ONE_MINUTE
 
 
 def minute_to_rfc3339(minute: int) -> str:
@@ -449,87 +169,353 @@ def _decimal(value: int, places: int) -> str:
     return f"{whole}.{fraction:0{places}d}".rstrip("0")
 
 
-def stats_from_aggregates(aggregates: sqlite3.Row) -> dict | None:
-    """The stats from a device's row of device_stats; None if the device sent nothing."""
-    if aggregates["online_minutes"] == 0 and aggregates["upload_count"] == 0:
+class Aggregates(NamedTuple):
+    """What fleetmon keeps per device for its stats, whatever the history's length."""
+
+    online_minutes: int
+    first_minute: int | None
+    last_minute: int | None
+    upload_count: int
+    upload_total_ns: int
+
+
+def device_stats(aggregates: Aggregates) -> dict | None:
+    """GET stats' answer from a device's aggregates; None while it has sent nothing."""
+    if aggregates.online_minutes == 0 and aggregates.upload_count == 0:
         return None
     return {
-        "uptime": uptime_percent(
-            aggregates["online_minutes"], aggregates["first_minute"], aggregates["last_minute"]
-        ),
-        "avg_upload_time": format_duration(
-            mean_ns(aggregates["upload_total_ns"], aggregates["upload_count"])
-        ),
+        "uptime": uptime_percent(aggregates.online_minutes, aggregates.first_minute, aggregates.last_minute),
+        "avg_upload_time": format_duration(mean_ns(aggregates.upload_total_ns, aggregates.upload_count)),
     }
 
 
-def online_runs(online_minutes: Iterable[int], first: int, last: int) -> list[tuple[bool, int, int]]:
-    """Every minute from first to last, as runs of (online, first minute, last minute).
+# --- The devices file ---------------------------------------------------------------
 
-    online_minutes is sorted; ([1, 2, 5], 0, 6) gives
-    [(False, 0, 0), (True, 1, 2), (False, 3, 4), (True, 5, 5), (False, 6, 6)].
+
+def load_device_ids(path: Path) -> frozenset[str]:
+    """Read the ids under the ``device_id`` column of a CSV file.
+
+    Tolerates what spreadsheets write: a UTF-8 byte-order mark, spaces around values,
+    blank lines and repeated ids. Refuses a file that lists no device, and an id that
+    no URL can reach: one with a '/', or '.' and '..', which browsers resolve away.
     """
-    runs = []
-    expected = first
-    for minute in online_minutes:
-        if minute > expected:
-            runs.append((False, expected, minute - 1))
-        if runs and runs[-1][0] and runs[-1][2] == minute - 1:
-            runs[-1] = (True, runs[-1][1], minute)
-        else:
-            runs.append((True, minute, minute))
-        expected = minute + 1
-    if expected <= last:
-        runs.append((False, expected, last))
-    return runs
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            rows = list(enumerate(csv.reader(file), start=1))
+    except OSError as error:
+        raise StartupError(f"cannot read devices file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise StartupError(f"devices file {path} is not UTF-8 text") from None
+    header = [name.strip() for name in rows[0][1]] if rows else []
+    if "device_id" not in header:
+        raise StartupError(f"devices file {path} has no device_id column in its first line")
+    column = header.index("device_id")
+    device_ids = set()
+    for line, row in rows[1:]:
+        device_id = row[column].strip() if len(row) > column else ""
+        if "/" in device_id or device_id in (".", ".."):
+            raise StartupError(f"devices file {path}, line {line}: no URL can carry the device id {device_id!r}")
+        if device_id:
+            device_ids.add(device_id)
+    if not device_ids:
+        raise StartupError(f"devices file {path} lists no devices under device_id")
+    return frozenset(device_ids)
 
 
-# --- HTTP ---------------------------------------------------------------------------
+# --- Storage ------------------------------------------------------------------------
+
+SCHEMA_VERSION = 1
+MIGRATIONS = HERE / "migrations"
+# How long a statement waits for another connection's write lock before it fails. A
+# write holds it for microseconds, a checkpoint or a pruning step for milliseconds.
+BUSY_TIMEOUT_SECONDS = 10
+# The write-ahead log is cut back to this size whenever a checkpoint empties it, so that
+# a burst (or a full disk that held checkpoints back) does not leave it large for good.
+WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
+# Connections kept open between requests; more than waitress's worker threads, so that
+# `flask run`, with a thread a request, reuses them too.
+IDLE_CONNECTIONS_KEPT = 8
 
 
-def create_app(database: Path = DEFAULT_DATABASE, devices_csv: Path = DEFAULT_DEVICES_CSV) -> Flask:
-    """The app factory. Raises StartupError for an unusable devices file or database.
+def connect(database: Path) -> sqlite3.Connection:
+    # Autocommit: a statement outside an explicit transaction is committed before
+    # execute() returns; writes of more than one statement use transaction() below.
+    # check_same_thread=False: the pool lends a connection to one request at a time,
+    # whichever thread serves it.
+    db = sqlite3.connect(database, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    try:
+        # In WAL mode, NORMAL still makes every commit survive the process being killed;
+        # only a power cut or an OS crash can take back the last few.
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
+        db.execute("PRAGMA temp_store = MEMORY")
+    except sqlite3.Error:  # a file that is not a database, say
+        db.close()
+        raise
+    return db
 
-    Its owner calls close_storage(app) when done with it.
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """All or nothing. IMMEDIATE takes the write lock at once: a transaction that read
+    first and then asked for it could be refused at once when another holds it."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # a failed COMMIT (a full disk) can leave it open
+            db.execute("ROLLBACK")
+        raise
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def upgrade(db: sqlite3.Connection, database: Path) -> str | None:
+    """Bring a database written by an earlier fleetmon to SCHEMA_VERSION, each step the
+    SQL of migrations/N.sql, all in one transaction. Returns a line to tell, if it did."""
+    version = schema_version(db)
+    if version > SCHEMA_VERSION:
+        raise StartupError(f"database {database} was written by a newer fleetmon (schema version {version}, "
+                           f"this one knows up to {SCHEMA_VERSION}); it is left as it was")
+    is_empty = db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] == 0
+    if version == SCHEMA_VERSION or is_empty:
+        return None
+    started = time.monotonic()
+    rows = sum(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+               for (table,) in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'").fetchall())
+    try:
+        with transaction(db):
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in split_statements((MIGRATIONS / f"{step}.sql").read_text(encoding="utf-8")):
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except sqlite3.Error as error:
+        raise StartupError(f"cannot upgrade database {database} from schema version {version}: {error}; "
+                           "it is left as it was") from None
+    return (f"upgraded database {database} from schema version {version} to {SCHEMA_VERSION}: "
+            f"{rows:,} rows in {time.monotonic() - started:.1f} s")
+
+
+def split_statements(script: str) -> list[str]:
+    """An SQL script's statements, one by one: executescript() would commit first."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending)
+            pending = ""
+    return statements
+
+
+def init_storage(app: Flask) -> None:
+    """Upgrade the database if it is an old one, apply schema.sql, give every device of
+    the devices file its row, and give the app its connections."""
+    database = app.config["DATABASE"]
+    if not database.parent.is_dir():
+        raise StartupError(f"cannot use database {database}: there is no folder {database.parent}")
+    try:
+        with closing(connect(database)) as db:
+            app.config["UPGRADED"] = upgrade(db, database)
+            with app.open_resource("schema.sql") as schema:
+                db.executescript(schema.read().decode("utf-8"))
+            with transaction(db):
+                # Writes nothing for devices it has, so a start needs no free disk space.
+                db.executemany("INSERT INTO devices (device_id) VALUES (?) ON CONFLICT (device_id) DO NOTHING",
+                               ((device_id,) for device_id in sorted(app.config["DEVICE_IDS"])))
+            listed_keys = [row["device_key"] for row in db.execute("SELECT device_key, device_id FROM devices")
+                           if row["device_id"] in app.config["DEVICE_IDS"]]
+    except sqlite3.Error as error:
+        raise StartupError(f"cannot use database {database}: {error}") from None
+    app.extensions["fleetmon.pool"] = ConnectionPool(database, listed_keys)
+    app.teardown_appcontext(release_db)
+
+
+class ConnectionPool:
+    """Open connections to one database, each lent to one request at a time.
+
+    Each knows, in its temporary table `listed`, the devices of this process's devices
+    file: what the fleet's pages and lists show, even while another fleetmon with
+    another devices file shares the database.
     """
-    app = Flask(__name__, static_folder=None)
-    app.config.update(
-        DATABASE=Path(database),
-        DEVICES_CSV=Path(devices_csv),
-        DEVICE_IDS=load_device_ids(Path(devices_csv)),
-        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+
+    def __init__(self, database: Path, listed_keys: list[int]):
+        self.database = database
+        self.listed_keys = listed_keys
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def borrow(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        db = connect(self.database)
+        db.execute("CREATE TEMP TABLE listed (device_key INTEGER PRIMARY KEY)")
+        with transaction(db):
+            db.executemany("INSERT INTO temp.listed VALUES (?)", ((key,) for key in self.listed_keys))
+        return db
+
+    def give_back(self, db: sqlite3.Connection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < IDLE_CONNECTIONS_KEPT:
+                self._idle.append(db)
+                return
+        db.close()  # one too many, or a request that outlived the pool
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for db in idle:
+            db.close()
+
+
+def close_storage(app: Flask) -> None:
+    """Close the app's idle connections: the end of its life (a test's, the server's)."""
+    app.extensions["fleetmon.pool"].close()
+
+
+def get_db() -> sqlite3.Connection:
+    """The connection this request uses, borrowed from the app's pool."""
+    if "db" not in g:
+        g.db = current_app.extensions["fleetmon.pool"].borrow()
+    return g.db
+
+
+def release_db(error: BaseException | None) -> None:
+    """Give the request's connection back to the pool."""
+    db = g.pop("db", None)
+    if db is not None:
+        current_app.extensions["fleetmon.pool"].give_back(db)
+
+
+def discard_db() -> None:
+    """Close the request's connection instead: after a database error the next request
+    starts afresh (once a full disk is freed, or a read-only file made writable)."""
+    db = g.pop("db", None)
+    if db is not None:
+        db.close()
+
+
+class Heard(NamedTuple):
+    """A device heard by fleetmon, as a write tells it."""
+
+    device_key: int
+    device_id: str
+    heard_at_ms: int
+    down_since_ms: int | None  # it was down until now
+
+
+def begin_write(db: sqlite3.Connection, device_id: str, minute: int) -> sqlite3.Row:
+    """The device's row, read inside the write's transaction; refuses telemetry from
+    before its kept history, which may already be pruned and so would count twice."""
+    device = db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+    if device["kept_from"] is not None and minute < device["kept_from"]:
+        raise Conflict(f"sent_at is before {minute_to_rfc3339(device['kept_from'])}, where this device's kept "
+                       "history begins (older telemetry is pruned); nothing was stored")
+    return device
+
+
+def end_write(db: sqlite3.Connection, device: sqlite3.Row, minute: int, heard_at_ms: int) -> Heard:
+    """Note the newest minute and that fleetmon heard the device; a device that was
+    down is up again: its outage ends and the change is queued as an alert."""
+    db.execute(
+        "UPDATE devices SET newest_minute = max(coalesce(newest_minute, :minute), :minute),"
+        " last_heard_ms = :heard, down_since_ms = NULL WHERE device_key = :key",
+        {"minute": minute, "heard": heard_at_ms, "key": device["device_key"]},
     )
-    # A path with "//" is an unknown path, not a redirect to another one.
-    app.url_map.merge_slashes = False
-    with app.open_resource("openapi.json") as document:
-        app.extensions["fleetmon.openapi"] = json.load(document)
-    init_storage(app)
-    app.register_blueprint(bp)
-    app.register_blueprint(docs_bp)
-    return app
+    down_since = device["down_since_ms"]
+    if down_since is not None:
+        db.execute("UPDATE outages SET ended_ms = ? WHERE device_key = ? AND started_ms = ?",
+                   (heard_at_ms, device["device_key"], down_since))
+        db.execute("INSERT INTO alerts (device_key, status, at_ms, last_heard_ms) VALUES (?, 'up', ?, ?)",
+                   (device["device_key"], heard_at_ms, down_since))
+    return Heard(device["device_key"], device["device_id"], heard_at_ms, down_since)
 
 
-bp = Blueprint("fleetmon", __name__)
-# Swagger UI from the swagger-ui-bundle package, so that the docs work offline.
-docs_bp = Blueprint(
-    "docs", __name__, static_folder=swagger_ui_path, static_url_path="/docs", template_folder=swagger_ui_path
-)
+def record_heartbeat(db: sqlite3.Connection, device_id: str, minute: int, heard_at_ms: int) -> Heard:
+    """Set the minute's bit in its hour's row and, if it was not set, count it."""
+    hour, minute_of_hour = divmod(minute, 60)
+    with transaction(db):
+        device = begin_write(db, device_id, minute)
+        is_new = db.execute(
+            "INSERT INTO online_hours (device_key, hour, minutes) VALUES (:key, :hour, :bit)"
+            " ON CONFLICT (device_key, hour) DO UPDATE SET minutes = minutes | excluded.minutes"
+            " WHERE minutes & excluded.minutes = 0",
+            {"key": device["device_key"], "hour": hour, "bit": 1 << minute_of_hour},
+        ).rowcount
+        if is_new:
+            db.execute(
+                "UPDATE devices SET online_minutes = online_minutes + 1,"
+                " first_minute = min(coalesce(first_minute, :minute), :minute),"
+                " last_minute = max(coalesce(last_minute, :minute), :minute) WHERE device_key = :key",
+                {"minute": minute, "key": device["device_key"]},
+            )
+        return end_write(db, device, minute, heard_at_ms)
 
 
-@bp.app_errorhandler(HTTPException)
+def record_upload(db: sqlite3.Connection, device_id: str, sent_at: datetime, upload_time_ns: int,
+                  heard_at_ms: int) -> Heard:
+    """Store one upload and add it to the device's total, which must stay exact: one that
+    would overflow a signed 64-bit total is refused (SQLite would turn it into a float)."""
+    minute = (sent_at - UNIX_EPOCH) // ONE_MINUTE
+    with transaction(db):
+        device = begin_write(db, device_id, minute)
+        if device["upload_total_ns"] > INT64_MAX - upload_time_ns:
+            raise Conflict(f"this upload_time would overflow the device's total upload time ({INT64_MAX} ns); "
+                           "nothing was stored")
+        db.execute(
+            "INSERT INTO uploads (device_key, number, sent_at, upload_time_ns) VALUES (?, ?, ?, ?)",
+            (device["device_key"], device["upload_count"] + 1, int(sent_at.timestamp()), upload_time_ns),
+        )
+        db.execute("UPDATE devices SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + ?"
+                   " WHERE device_key = ?", (upload_time_ns, device["device_key"]))
+        return end_write(db, device, minute, heard_at_ms)
+
+
+def read_aggregates(db: sqlite3.Connection, device_id: str) -> Aggregates:
+    return Aggregates(*db.execute(
+        "SELECT online_minutes, first_minute, last_minute, upload_count, upload_total_ns"
+        " FROM devices WHERE device_id = ?", (device_id,)).fetchone())
+
+
+# --- The contract: three views ------------------------------------------------------
+
+api = Blueprint("api", __name__)
+
+
+@api.app_errorhandler(HTTPException)
 def error_as_json(error: HTTPException):
-    """Every error, including Flask's own 404, 405, 413 and 500, as {"msg": ...}."""
+    """Every error, Flask's own 404, 405, 413 and 500 included, as {"msg": ...}."""
     response = error.get_response()  # keeps headers such as Allow on a 405
     response.set_data(current_app.json.dumps({"msg": error.description}))
     response.content_type = "application/json"
     return response
 
 
-@bp.url_value_preprocessor
+@api.app_errorhandler(Exception)
+def unexpected_error(error: Exception):
+    """A 500 with no details in the body, and one line in the log: the traceback only
+    the first time an error of its kind comes (a full disk fails every request alike)."""
+    kind = f"{type(error).__name__}: {error}"
+    seen = current_app.extensions["fleetmon.errors_seen"]
+    current_app.logger.error("%s %s failed: %s", request.method, request.path, kind,
+                             exc_info=error if kind not in seen else None)
+    seen.add(kind)
+    if isinstance(error, sqlite3.Error):
+        discard_db()
+    return error_as_json(InternalServerError())
+
+
+@api.app_url_value_preprocessor
 def require_known_device(endpoint: str | None, values: dict | None) -> None:
-    """Every route with a device_id answers 404 for a device not in the devices file,
-    whatever the method (OPTIONS too) and the body. A wrong method is found before, and
-    leaves no values."""
+    """Every route with a device_id, here and in the rest, answers 404 for a device not
+    in the devices file, whatever the method (OPTIONS too) and the body. A wrong method
+    is found before, and leaves no values."""
     if values and "device_id" in values and values["device_id"] not in current_app.config["DEVICE_IDS"]:
         abort(404, "device not found")
 
@@ -550,8 +536,8 @@ def _refuse_constant(name: str):
 
 
 def _parse_int(digits: str) -> int:
-    if len(digits.lstrip("-")) > MAX_JSON_INTEGER_DIGITS:
-        raise InvalidBody(f"body has an integer of more than {MAX_JSON_INTEGER_DIGITS} digits")
+    if len(digits.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise InvalidBody(f"body has an integer of more than {MAX_INTEGER_DIGITS} digits")
     return int(digits)
 
 
@@ -571,20 +557,20 @@ def json_object_body() -> dict:
     return body
 
 
-def sent_at_minute(body: dict) -> int:
-    """Validate body["sent_at"] and return its UTC minute."""
+def sent_at_field(body: dict) -> datetime:
+    """Validate body["sent_at"] and return it in UTC."""
     if "sent_at" not in body:
         abort(400, "sent_at is required")
     message = "sent_at must be an RFC 3339 date-time with an offset, like 2024-01-01T10:04:00Z"
     if not isinstance(body["sent_at"], str):
         abort(400, message)
     try:
-        return utc_minute(body["sent_at"])
+        return utc_datetime(body["sent_at"])
     except ValueError:
         abort(400, message)
 
 
-def upload_time_ns(body: dict) -> int:
+def upload_time_field(body: dict) -> int:
     """Validate body["upload_time"] and return it."""
     if "upload_time" not in body:
         abort(400, "upload_time is required")
@@ -595,194 +581,72 @@ def upload_time_ns(body: dict) -> int:
     return value
 
 
-def int_argument(name: str, default: int, low: int, high: int) -> int:
-    """A whole-number query argument from low to high."""
-    text = request.args.get(name)
-    if text is None:
-        return default
-    if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
-        abort(400, f"{name} must be a whole number from {low} to {high}")
-    return int(text)
+def now_ms() -> int:
+    """fleetmon's own wall clock, which says when it heard a device."""
+    return time.time_ns() // 1_000_000
 
 
-@bp.post("/api/v1/devices/<device_id>/heartbeat")
+def tell_heard(device: Heard) -> None:
+    """Tell whoever listens (the watch on who is down, when serving) that a device was heard."""
+    for listener in current_app.extensions["fleetmon.heard"]:
+        listener(device)
+
+
+@api.post("/api/v1/devices/<device_id>/heartbeat")
 def post_heartbeat(device_id: str):
-    minute = sent_at_minute(json_object_body())
-    with write_lock():
-        record_heartbeat(get_db(), device_id, minute)
+    minute = (sent_at_field(json_object_body()) - UNIX_EPOCH) // ONE_MINUTE
+    tell_heard(record_heartbeat(get_db(), device_id, minute, now_ms()))
     return no_content()
 
 
-@bp.post("/api/v1/devices/<device_id>/stats")
+@api.post("/api/v1/devices/<device_id>/stats")
 def post_stats(device_id: str):
     body = json_object_body()
-    sent_at_minute(body)  # validated like a heartbeat's, but not a heartbeat
-    upload_time = upload_time_ns(body)
-    with write_lock():
-        added = record_upload(get_db(), device_id, body["sent_at"], upload_time)
-    if not added:
-        abort(409, "this upload_time would overflow the device's total upload time "
-                   f"({INT64_MAX} ns); nothing was stored")
+    sent_at = sent_at_field(body)  # validated like a heartbeat's, but no heartbeat
+    upload_time = upload_time_field(body)
+    tell_heard(record_upload(get_db(), device_id, sent_at, upload_time, now_ms()))
     return no_content()
 
 
-@bp.get("/api/v1/devices/<device_id>/stats")
+@api.get("/api/v1/devices/<device_id>/stats")
 def get_stats(device_id: str):
-    stats = stats_from_aggregates(read_device_stats(get_db(), device_id))
+    stats = device_stats(read_aggregates(get_db(), device_id))
     if stats is None:
         return no_content()
     return stats
 
 
-@bp.get("/")
-def index():
-    """The fleet page for a browser; for an API client, what this server is."""
-    page = int_argument("page", 1, 1, MAX_FLEET_PAGE)  # checked for both, as the document says
-    if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
-        response = current_app.make_response(fleet_page(request.args.get("q", "").strip(), page))
-        response.vary.add("Accept")
-        return response
-    device_ids = current_app.config["DEVICE_IDS"]
-    response = current_app.make_response({
-        "name": "fleetmon",
-        "version": current_app.extensions["fleetmon.openapi"]["info"]["version"],
-        "devices": len(device_ids),
-        "links": {
-            "fleet_page": url_for(".index"),
-            "docs": url_for("docs.docs"),
-            "openapi": url_for(".openapi_document"),
-            "example_stats": url_for(".get_stats", device_id=min(device_ids)),
-        },
-    })
-    response.vary.add("Accept")  # the same URL answers HTML or JSON
-    return response
+# --- Serving on waitress ------------------------------------------------------------
 
-
-def fleet_page(text: str, page: int) -> str:
-    db = get_db()
-    matching = count_matching(db, text)
-    pages = max(1, math.ceil(matching / FLEET_PAGE_ROWS))
-    page = min(page, pages)  # past the end: the last page
-    rows = read_worst_first(db, text, (page - 1) * FLEET_PAGE_ROWS, FLEET_PAGE_ROWS)
-
-    def page_url(number: int) -> str | None:
-        if not 1 <= number <= pages:
-            return None
-        return url_for(".index", page=number, q=text or None)
-
-    return render_template(
-        "fleet.html",
-        summary=fleet_summary(*read_fleet_summary(db)),
-        rows=[fleet_row(db, row) for row in rows],
-        q=text,
-        page=page,
-        pages=pages,
-        matching=matching,
-        prev_url=page_url(page - 1),
-        next_url=page_url(page + 1),
-        docs_url=url_for("docs.docs"),
-    )
-
-
-def fleet_summary(totals: sqlite3.Row, uptimes: list[float]) -> dict:
-    total_ns = (totals["total_high"] << 32) + totals["total_low"] if totals["uploads"] else 0
-    return {
-        "known": totals["known"],
-        "reporting": totals["reporting"],
-        "silent": totals["known"] - totals["reporting"],
-        "median_uptime": statistics.median(uptimes) if uptimes else None,
-        "mean_upload_time": format_duration(mean_ns(total_ns, totals["uploads"])) if totals["uploads"] else None,
-        "newest_heartbeat": minute_to_rfc3339(totals["newest_minute"]) if totals["newest_minute"] is not None else None,
-    }
-
-
-def fleet_row(db: sqlite3.Connection, aggregates: sqlite3.Row) -> dict:
-    """A row of the fleet page: a device's stats and its online strip."""
-    device_id = aggregates["device_id"]
-    stats = stats_from_aggregates(aggregates)
-    strip = []
-    if aggregates["online_minutes"]:
-        last = aggregates["last_minute"]
-        first = max(aggregates["first_minute"], last - STRIP_MINUTES + 1)
-        strip = [
-            {"online": online, "minutes": end - start + 1,
-             "first": minute_to_rfc3339(start), "last": minute_to_rfc3339(end)}
-            for online, start, end in online_runs(read_online_minutes(db, device_id, first, last), first, last)
-        ]
-    return {
-        "device_id": device_id,
-        "stats_url": url_for(".get_stats", device_id=device_id),
-        "has_sent": stats is not None,
-        "uptime": stats["uptime"] if stats else 0.0,
-        "avg_upload_time": stats["avg_upload_time"] if stats else "0s",
-        "online_minutes": aggregates["online_minutes"],
-        "upload_count": aggregates["upload_count"],
-        "first_online": minute_to_rfc3339(aggregates["first_minute"]) if aggregates["online_minutes"] else None,
-        "last_online": minute_to_rfc3339(aggregates["last_minute"]) if aggregates["online_minutes"] else None,
-        "strip": strip,
-        "strip_online": sum(run["minutes"] for run in strip if run["online"]),
-        "strip_minutes": sum(run["minutes"] for run in strip),
-    }
-
-
-@bp.get("/openapi.json")
-def openapi_document():
-    # The servers entry names this very server, so "Try it out" works on any port.
-    document = dict(current_app.extensions["fleetmon.openapi"])
-    document["servers"] = [{"url": request.host_url.rstrip("/"), "description": "this fleetmon"}]
-    return document
-
-
-@docs_bp.get("/docs/")
-def docs():
-    return render_template("index.j2", openapi_spec_url=url_for("fleetmon.openapi_document"))
-
-
-@bp.get("/debug/devices")
-def debug_devices():
-    """The listed devices in id order, a page at a time: `next` continues the list."""
-    limit = int_argument("limit", 100, 1, DEBUG_PAGE_LIMIT)
-    rows = read_listed_stats(get_db(), request.args.get("after", ""), limit + 1)  # one more: is there a next page?
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return {
-        "devices": [
-            {
-                "device_id": row["device_id"],
-                "has_sent": bool(row["online_minutes"] or row["upload_count"]),
-                "online_minutes": row["online_minutes"],
-                "upload_count": row["upload_count"],
-            }
-            for row in rows
-        ],
-        "next": url_for(".debug_devices", after=rows[-1]["device_id"], limit=limit) if more else None,
-    }
-
-
-@bp.get("/debug/stats/<device_id>")
-def debug_stats(device_id: str):
-    row = read_device_stats(get_db(), device_id)
-    has_heartbeats = row["online_minutes"] > 0
-    return {
-        "device_id": device_id,
-        "online_minutes": row["online_minutes"],
-        "first_online_minute": minute_to_rfc3339(row["first_minute"]) if has_heartbeats else None,
-        "last_online_minute": minute_to_rfc3339(row["last_minute"]) if has_heartbeats else None,
-        "upload_count": row["upload_count"],
-        "upload_total_ns": row["upload_total_ns"],
-        "stats": stats_from_aggregates(row),
-    }
-
-
-# --- Server -------------------------------------------------------------------------
+# How waitress serves fleetmon (README.md, "How it works", says why):
+WAITRESS_SETTINGS = {
+    # Python runs one thread at a time and SQLite takes one writer at a time, so more
+    # worker threads only add hand-offs. Slow clients hold no worker: waitress reads and
+    # writes sockets in a thread of its own.
+    "threads": 1,
+    # Enough for hundreds of idle or slow clients while staying under the 512 sockets
+    # that select() can watch on Windows.
+    "connection_limit": 450,
+    # Drop a connection that has sent nothing for this long, checked this often.
+    "channel_timeout": 15,
+    "cleanup_interval": 1,
+    # The socket thread sends a response of up to this many bytes, not the worker: a
+    # worker sending for itself leaves the socket thread spinning on the channel's lock,
+    # holding the GIL, and throughput with many clients collapses (benchmark.py shows
+    # it). waitress has deprecated the setting but still honours it.
+    "send_bytes": 18_000,
+    # Refuse a larger body from its Content-Length, before reading it. waitress refuses
+    # a length equal to its limit too, hence the one byte more.
+    "max_request_body_size": MAX_BODY_BYTES + 1,
+}
 
 
 class KeepAliveTask(WSGITask):
     """waitress's task, but keeping the connection open after a 204.
 
-    waitress 3.0.2 closes the connection after any HTTP/1.1 response without a length,
-    and a 204 may not carry one, so each heartbeat would cost a new connection. A 204
-    ends at its blank line (RFC 9112, section 6.3), so nothing needs closing.
+    waitress closes the connection after any HTTP/1.1 response without a length, and a
+    204 may not carry one, so each heartbeat would cost a new connection. A 204 ends at
+    its blank line (RFC 9112, section 6.3), so nothing needs closing.
     Upstream: https://github.com/Pylons/waitress/pull/502; when a release has it, this
     class goes (test_fleetmon.py tells when).
     """
@@ -833,17 +697,751 @@ def create_server(app: Flask, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
     return server
 
 
+# === The rest =======================================================================
+# Everything above is the contract. Below: what operators of a real fleet need around it.
+
+# --- Who is down: status, outages, alerts -------------------------------------------
+#
+# A device is heard when fleetmon accepts its telemetry, by fleetmon's own clock: its
+# sent_at may be late, replayed or wrong. Deadlines are elapsed time (time.monotonic(),
+# which no clock change moves); what a person reads is the wall clock (now_ms()).
+
+STATUS_CHECK_SECONDS = 0.5
+
+
+def rfc3339_ms(ms: int) -> str:
+    return (UNIX_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def short_duration(ms: int) -> str:
+    """An elapsed time as a person says it, to the second: 45s, 5m, 7m12s, 2h5m, 3d4h."""
+    seconds = max(0, ms) // 1000
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if seconds >= size:
+            whole, rest = divmod(seconds, size)
+            return f"{whole}{unit}{rest // smaller_size}{smaller}" if rest // smaller_size else f"{whole}{unit}"
+    return f"{seconds}s"
+
+
+def alert_text(device_id: str, status: str, at_ms: int, last_heard_ms: int) -> str:
+    """The line a change of status prints in the server window and sends as `text`."""
+    if status == "down":
+        clock = rfc3339_ms(last_heard_ms)[11:19]
+        return f"fleetmon: {device_id} is down (last heard {clock} UTC, {short_duration(at_ms - last_heard_ms)} ago)"
+    return f"fleetmon: {device_id} is up again after {short_duration(at_ms - last_heard_ms)}"
+
+
+def mark_down(db: sqlite3.Connection, device_key: int, last_heard_ms: int, at_ms: int) -> str | None:
+    """Declare a device down, unless it was heard again since last_heard_ms: its outage
+    starts when it was last heard, and the change is queued as an alert in the same
+    transaction. Returns the alert's line, or None if it was heard meanwhile."""
+    with transaction(db):
+        changed = db.execute(
+            "UPDATE devices SET down_since_ms = last_heard_ms"
+            " WHERE device_key = ? AND last_heard_ms = ? AND down_since_ms IS NULL RETURNING device_id",
+            (device_key, last_heard_ms),
+        ).fetchall()
+        if not changed:
+            return None
+        db.execute("INSERT INTO outages (device_key, started_ms) VALUES (?, ?)", (device_key, last_heard_ms))
+        db.execute("INSERT INTO alerts (device_key, status, at_ms, last_heard_ms) VALUES (?, 'down', ?, ?)",
+                   (device_key, at_ms, last_heard_ms))
+    return alert_text(changed[0]["device_id"], "down", at_ms, last_heard_ms)
+
+
+class Watch:
+    """Who is due to be declared down, soonest first.
+
+    Devices in the order they were last heard: the first is the one whose deadline comes
+    first, so a check reads only the devices that are overdue, whatever the fleet's size,
+    and hearing a device costs a move to the end. After a start, every device that was
+    up is given the down-after time from then: fleetmon's own downtime is not theirs.
+    """
+
+    def __init__(self, db: sqlite3.Connection, down_after_seconds: float, started: float, announce=print):
+        self.down_after = down_after_seconds
+        self.announce = announce
+        self.wake_delivery = threading.Event()
+        self._due: OrderedDict[int, tuple[float, int]] = OrderedDict()  # key: (heard, heard_at_ms)
+        self._lock = threading.Lock()
+        for row in db.execute("SELECT device_key, last_heard_ms FROM devices"
+                              " WHERE last_heard_ms IS NOT NULL AND down_since_ms IS NULL ORDER BY last_heard_ms"):
+            self._due[row["device_key"]] = (started, row["last_heard_ms"])
+
+    def heard(self, device: Heard, monotonic_now: float | None = None) -> None:
+        """A listener of tell_heard(): runs in the request, after its commit."""
+        with self._lock:
+            self._due[device.device_key] = (time.monotonic() if monotonic_now is None else monotonic_now,
+                                            device.heard_at_ms)
+            self._due.move_to_end(device.device_key)
+        if device.down_since_ms is not None:
+            self.announce(alert_text(device.device_id, "up", device.heard_at_ms, device.down_since_ms))
+            self.wake_delivery.set()
+
+    def check(self, db: sqlite3.Connection, monotonic_now: float, now: int) -> int:
+        """Declare down every device not heard for down_after; returns how many."""
+        with self._lock:
+            overdue = []
+            while self._due:
+                device_key, (heard_at, heard_at_ms) = next(iter(self._due.items()))
+                if heard_at + self.down_after > monotonic_now:
+                    break
+                del self._due[device_key]
+                overdue.append((device_key, heard_at_ms))
+        declared = 0
+        for number, (device_key, heard_at_ms) in enumerate(overdue):
+            try:
+                line = mark_down(db, device_key, heard_at_ms, now)
+            except sqlite3.Error:
+                with self._lock:  # due again at the next check, first in line
+                    for key, at_ms in reversed(overdue[number:]):
+                        self._due.setdefault(key, (monotonic_now - self.down_after, at_ms))
+                        self._due.move_to_end(key, last=False)
+                raise
+            if line:
+                self.announce(line)
+                declared += 1
+        if declared:
+            self.wake_delivery.set()
+        return declared
+
+
+ALERT_TIMEOUT_SECONDS = 5
+ALERT_RETRY_MAX_SECONDS = 60
+
+
+class AlertDelivery:
+    """Sends the queued alerts to the alert URL, oldest first, at least once each.
+
+    A failure is one line in the server window and a retry after a backoff that doubles
+    up to a minute; the alerts after it wait, so a receiver sees them in order. Without
+    an alert URL, an alert is delivered by having been printed.
+    """
+
+    def __init__(self, url: str | None, announce=print):
+        self.url = url
+        self.announce = announce
+        self.retry_after = 0.0  # seconds, after a failure
+        self.next_attempt = 0.0  # monotonic
+
+    def step(self, db: sqlite3.Connection, monotonic_now: float) -> int:
+        """Deliver what is queued, until a failure; returns how many were delivered."""
+        if monotonic_now < self.next_attempt:
+            return 0
+        delivered = 0
+        for alert in db.execute("SELECT alerts.*, device_id FROM alerts JOIN devices USING (device_key)"
+                                " WHERE NOT delivered ORDER BY id LIMIT 100").fetchall():
+            failure = self.send(alert) if self.url else None
+            if failure:
+                self.retry_after = min(max(1.0, 2 * self.retry_after), ALERT_RETRY_MAX_SECONDS)
+                self.next_attempt = monotonic_now + self.retry_after
+                self.announce(f"fleetmon: alert {alert['id']} ({alert['device_id']} {alert['status']}) not delivered "
+                              f"to {self.url}: {failure}; trying again in {short_duration(int(self.retry_after * 1000))}")
+                return delivered
+            self.retry_after = 0.0
+            db.execute("UPDATE alerts SET delivered = 1 WHERE id = ?", (alert["id"],))
+            delivered += 1
+        return delivered
+
+    def send(self, alert: sqlite3.Row) -> str | None:
+        """POST one alert; None if the receiver took it, else what went wrong."""
+        payload = {
+            "id": alert["id"],
+            "device_id": alert["device_id"],
+            "status": alert["status"],
+            "at": rfc3339_ms(alert["at_ms"]),
+            "last_heard": rfc3339_ms(alert["last_heard_ms"]),
+            "outage_seconds": (alert["at_ms"] - alert["last_heard_ms"]) / 1000 if alert["status"] == "up" else None,
+            "text": alert_text(alert["device_id"], alert["status"], alert["at_ms"], alert["last_heard_ms"]),
+        }
+        post = urllib.request.Request(self.url, data=json.dumps(payload).encode(), method="POST",
+                                      headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(post, timeout=ALERT_TIMEOUT_SECONDS) as response:
+                response.read(MAX_BODY_BYTES)
+        except urllib.error.HTTPError as error:
+            error.close()
+            return f"HTTP {error.code}"
+        except (OSError, http.client.HTTPException) as error:
+            return str(error) or type(error).__name__
+        return None
+
+
+# --- Retention: pruning in small steps ----------------------------------------------
+#
+# With --keep-days N, raw telemetry more than N days older than the device's own newest
+# minute goes: by each device's clock, so that a replayed day from long ago is not pruned
+# the moment it lands, and one device with a wrong clock cannot prune another's history.
+# The aggregates stay as they are, so lifetime stats never change. The kept history
+# starts on a whole hour (an online_hours row is kept or pruned whole), and telemetry
+# from before it is refused, so that nothing pruned can be counted twice.
+
+PRUNE_ROWS_PER_STEP = 500
+
+
+class Pruning:
+    """Pruning, a few hundred rows a transaction, so that a large backlog never holds
+    the write lock for long: the requests in between get it."""
+
+    def __init__(self, keep_days: int):
+        self.keep_minutes = keep_days * 24 * 60
+        self.pruning: tuple[int, int] | None = None  # (device_key, kept_from) being pruned
+
+    def step(self, db: sqlite3.Connection) -> bool:
+        """Prune up to PRUNE_ROWS_PER_STEP rows; False when there was nothing to do."""
+        if self.pruning is None:
+            # Devices whose window has moved on by an hour or more since they were pruned.
+            device = db.execute(
+                "SELECT device_key, newest_minute FROM devices WHERE newest_minute IS NOT NULL"
+                " AND (kept_from IS NULL OR kept_from <= newest_minute - :keep - 60) LIMIT 1",
+                {"keep": self.keep_minutes},
+            ).fetchone()
+            if device is None:
+                return False
+            kept_from = (device["newest_minute"] - self.keep_minutes) // 60 * 60
+            # First the boundary, in a transaction of its own: from its commit on, telemetry
+            # before it is refused, and so the rows deleted next cannot come back.
+            db.execute("UPDATE devices SET kept_from = ? WHERE device_key = ?", (kept_from, device["device_key"]))
+            self.pruning = (device["device_key"], kept_from)
+        device_key, kept_from = self.pruning
+        deleted = db.execute(
+            "DELETE FROM online_hours WHERE device_key = :key AND hour IN"
+            " (SELECT hour FROM online_hours WHERE device_key = :key AND hour < :hour LIMIT :rows)",
+            {"key": device_key, "hour": kept_from // 60, "rows": PRUNE_ROWS_PER_STEP},
+        ).rowcount
+        deleted += db.execute(
+            "DELETE FROM uploads WHERE device_key = :key AND number IN"
+            " (SELECT number FROM uploads WHERE device_key = :key AND sent_at < :second LIMIT :rows)",
+            {"key": device_key, "second": kept_from * 60, "rows": PRUNE_ROWS_PER_STEP - deleted},
+        ).rowcount
+        if deleted < PRUNE_ROWS_PER_STEP:
+            self.pruning = None
+        return True
+
+
+# --- Background work beside the server ----------------------------------------------
+
+CHECKPOINT_SECONDS = 5
+
+
+class Housekeeping:
+    """The work that runs beside the server, in two threads of its own: the watch on who
+    is down and the pruning in one, alert delivery in the other (a receiver that never
+    answers holds up only its own thread). Each step takes the time as an argument, so
+    that the tests call the steps with the clock they choose; the threads loop them.
+
+    The periodic checkpoint folds the write-ahead log into the database so that the log is
+    reused from its start (and cut back to WAL_SIZE_LIMIT_BYTES): it stays bounded, and
+    once a full disk is freed, what the log holds moves out of it at the next round.
+    """
+
+    def __init__(self, app: Flask, down_after_seconds: float, alert_url: str | None, keep_days: int | None,
+                 announce=print):
+        self.database = app.config["DATABASE"]
+        self.stop = threading.Event()
+        self.db = connect(self.database)
+        self.delivery_db = connect(self.database)
+        self.watch = Watch(self.db, down_after_seconds, time.monotonic(), announce)
+        self.delivery = AlertDelivery(alert_url, announce)
+        self.pruning = Pruning(keep_days) if keep_days else None
+        self.next_checkpoint = 0.0
+        app.extensions["fleetmon.heard"].append(self.watch.heard)
+        self.threads = [threading.Thread(target=self.watch_and_prune, name="fleetmon watch"),
+                        threading.Thread(target=self.deliver_alerts, name="fleetmon alerts")]
+
+    def watch_and_prune(self) -> None:
+        while not self.stop.is_set():
+            busy = False
+            try:
+                now = time.monotonic()
+                self.watch.check(self.db, now, now_ms())
+                if now >= self.next_checkpoint:
+                    self.next_checkpoint = now + CHECKPOINT_SECONDS
+                    self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                busy = self.pruning is not None and self.pruning.step(self.db)
+            except sqlite3.Error as error:  # a full disk, say: the next round tries again
+                logging.getLogger(__name__).warning("housekeeping paused: %s", error)
+            self.stop.wait(0.005 if busy else STATUS_CHECK_SECONDS)
+
+    def deliver_alerts(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.delivery.step(self.delivery_db, time.monotonic())
+            except sqlite3.Error as error:
+                logging.getLogger(__name__).warning("alert delivery paused: %s", error)
+            self.watch.wake_delivery.wait(1.0)
+            self.watch.wake_delivery.clear()
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.watch.wake_delivery.set()
+        for thread in self.threads:
+            if thread.is_alive():
+                thread.join()
+        self.db.close()
+        self.delivery_db.close()
+
+
+# --- The fleet: its API, its page, a page per device --------------------------------
+
+LIST_LIMIT = 1000
+FLEET_PAGE_ROWS = 100
+MAX_FLEET_PAGE = 1_000_000
+FLEET_STRIP_MINUTES = 24 * 60
+DEVICE_STRIP_MINUTES = 7 * 24 * 60
+OUTAGES_SHOWN = 20
+# The fleet page's order, as the index devices_by_concern of schema.sql has it, so that a
+# page of it is a walk along that index.
+BY_CONCERN = "down_since_ms IS NULL, down_since_ms, online_minutes = 0 AND upload_count = 0, uptime, device_id"
+# A filter matching at most this many devices sorts its matches; one matching more
+# walks the index, where its matches are dense enough to fill a page quickly.
+FILTER_SORTS_UP_TO = 2000
+STATUSES = {
+    "up": "last_heard_ms IS NOT NULL AND down_since_ms IS NULL",
+    "down": "down_since_ms IS NOT NULL",
+    "never": "last_heard_ms IS NULL",
+}
+FULL_HOUR = (1 << 60) - 1
+
+fleet = Blueprint("fleet", __name__)
+
+
+def int_argument(name: str, default: int, low: int, high: int) -> int:
+    """A whole-number query argument from low to high."""
+    text = request.args.get(name)
+    if text is None:
+        return default
+    # The length first: Python refuses to read a very long run of digits as an int.
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(high)) and low <= int(text) <= high):
+        abort(400, f"{name} must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def aggregates_of(device: sqlite3.Row) -> Aggregates:
+    return Aggregates(*(device[field] for field in Aggregates._fields))
+
+
+def status_of(device: sqlite3.Row) -> str:
+    if device["last_heard_ms"] is None:
+        return "never"
+    return "down" if device["down_since_ms"] is not None else "up"
+
+
+def device_view(device: sqlite3.Row) -> dict:
+    """A device as the API lists it."""
+    stats = device_stats(aggregates_of(device)) or {"uptime": None, "avg_upload_time": None}
+    optional = {"last_heard": (rfc3339_ms, device["last_heard_ms"]),
+                "down_since": (rfc3339_ms, device["down_since_ms"]),
+                "history_kept_from": (minute_to_rfc3339, device["kept_from"])}
+    return {
+        "device_id": device["device_id"],
+        "status": status_of(device),
+        **{name: None if value is None else to_text(value) for name, (to_text, value) in optional.items()},
+        **stats,
+    }
+
+
+def read_device(db: sqlite3.Connection, device_id: str) -> sqlite3.Row:
+    return db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+
+
+def read_outages(db: sqlite3.Connection, device_key: int) -> list[dict]:
+    return [
+        {"started": rfc3339_ms(started), "ended": None if ended is None else rfc3339_ms(ended),
+         "seconds": None if ended is None else (ended - started) / 1000}
+        for started, ended in db.execute(
+            "SELECT started_ms, ended_ms FROM outages WHERE device_key = ? ORDER BY started_ms DESC LIMIT ?",
+            (device_key, OUTAGES_SHOWN))
+    ]
+
+
+@fleet.get("/api/v1/devices")
+def list_devices():
+    """The devices of the devices file in id order, a page at a time: `next` continues."""
+    status = request.args.get("status")
+    if status is not None and status not in STATUSES:
+        abort(400, "status must be up, down or never")
+    limit = int_argument("limit", 100, 1, LIST_LIMIT)
+    rows = get_db().execute(
+        f"SELECT * FROM devices INDEXED BY devices_by_id WHERE device_id > ? AND device_key IN temp.listed"
+        f" AND ({STATUSES[status] if status else 'true'}) ORDER BY device_id LIMIT ?",
+        (request.args.get("after", ""), limit + 1),  # one more: is there a next page?
+    ).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "devices": [device_view(row) for row in rows],
+        "next": url_for(".list_devices", after=rows[-1]["device_id"], limit=limit, status=status) if more else None,
+    }
+
+
+@fleet.get("/api/v1/devices/<device_id>")
+def get_device(device_id: str):
+    db = get_db()
+    device = read_device(db, device_id)
+    return {**device_view(device), "outages": read_outages(db, device["device_key"])}
+
+
+def wants_html() -> bool:
+    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
+
+
+def negotiated(html, json_body):
+    """One URL, two answers: HTML for a browser, JSON for everyone else."""
+    response = current_app.make_response(html() if wants_html() else json_body())
+    response.vary.add("Accept")
+    return response
+
+
+@fleet.get("/")
+def index():
+    """The fleet page for a browser; for an API client, what this server is."""
+    page = int_argument("page", 1, 1, MAX_FLEET_PAGE)  # checked for both, as the document says
+    return negotiated(lambda: fleet_page(request.args.get("q", "").strip(), page), about_this_server)
+
+
+def about_this_server() -> dict:
+    device_ids = current_app.config["DEVICE_IDS"]
+    return {
+        "name": "fleetmon",
+        "version": current_app.extensions["fleetmon.openapi"]["info"]["version"],
+        "devices": len(device_ids),
+        "links": {
+            "fleet_page": url_for(".index"),
+            "devices": url_for(".list_devices"),
+            "metrics": url_for("metrics.metrics_view"),
+            "docs": url_for("docs.docs_page"),
+            "openapi": url_for("docs.openapi_document"),
+            "example_stats": url_for("api.get_stats", device_id=min(device_ids)),
+        },
+    }
+
+
+def count_by_status(db: sqlite3.Connection, text: str) -> dict:
+    """How many listed devices (with an id containing text) are up, down, never heard."""
+    if text:
+        counts = db.execute(
+            "SELECT count(*), count(*) FILTER (WHERE down_since_ms IS NOT NULL),"
+            " count(*) FILTER (WHERE last_heard_ms IS NULL)"
+            " FROM devices WHERE device_key IN temp.listed AND instr(lower(device_id), lower(?)) > 0",
+            (text,),
+        ).fetchone()
+    else:  # from the indexes of the few that are down or never heard, not from every row
+        counts = db.execute(
+            "SELECT (SELECT count(*) FROM temp.listed),"
+            " (SELECT count(*) FROM devices INDEXED BY devices_down"
+            "  WHERE down_since_ms IS NOT NULL AND device_key IN temp.listed),"
+            " (SELECT count(*) FROM devices INDEXED BY devices_never_heard"
+            "  WHERE last_heard_ms IS NULL AND device_key IN temp.listed)"
+        ).fetchone()
+    devices, down, never = counts
+    return {"devices": devices, "up": devices - down - never, "down": down, "never": never}
+
+
+def read_by_concern(db: sqlite3.Connection, text: str, matching: int, offset: int) -> list[sqlite3.Row]:
+    """A page of the listed devices whose id contains text, in the fleet page's order."""
+    arguments = {"text": text, "rows": FLEET_PAGE_ROWS, "offset": offset}
+    listed = "device_key IN temp.listed" + (" AND instr(lower(device_id), lower(:text)) > 0" if text else "")
+    if text and matching <= FILTER_SORTS_UP_TO:
+        return db.execute(f"WITH matching AS MATERIALIZED (SELECT * FROM devices WHERE {listed})"
+                          f" SELECT * FROM matching ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset",
+                          arguments).fetchall()
+    return db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern WHERE {listed}"
+                      f" ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset", arguments).fetchall()
+
+
+def fleet_page(text: str, page: int) -> str:
+    db = get_db()
+    counts = count_by_status(db, text)
+    pages = max(1, math.ceil(counts["devices"] / FLEET_PAGE_ROWS))
+    page = min(page, pages)  # past the end: the last page
+    rows = read_by_concern(db, text, counts["devices"], (page - 1) * FLEET_PAGE_ROWS)
+    now = now_ms()
+
+    def page_url(number: int) -> str | None:
+        return url_for(".index", page=number, q=text or None) if 1 <= number <= pages else None
+
+    return render_template(
+        "fleet.html", counts=counts, q=text, page=page, pages=pages,
+        rows=[device_row(db, row, now, FLEET_STRIP_MINUTES) for row in rows],
+        prev_url=page_url(page - 1), next_url=page_url(page + 1),
+        keep_days=current_app.config["KEEP_DAYS"],
+    )
+
+
+@fleet.get("/devices/<device_id>")
+def device_page(device_id: str):
+    db = get_db()
+    device = read_device(db, device_id)
+
+    def html() -> str:
+        now = now_ms()
+        outages = [{**outage, "lasted": short_duration(int(outage["seconds"] * 1000)) if outage["ended"] else
+                    f"{short_duration(now - device['down_since_ms'])} so far"}
+                   for outage in read_outages(db, device["device_key"])]
+        return render_template("device.html", device=device_row(db, device, now, DEVICE_STRIP_MINUTES),
+                               outages=outages, keep_days=current_app.config["KEEP_DAYS"])
+
+    return negotiated(html, lambda: get_device(device_id))
+
+
+def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minutes: int) -> dict:
+    """What a page shows of a device: its view, how long since it was heard, its average
+    as a person reads it (the exact one on hover) and its strip of online minutes."""
+    view = device_view(device)
+    status = view["status"]
+    if status == "never":
+        since = "never heard"
+    elif status == "down":
+        since = f"down for {short_duration(now - device['down_since_ms'])}"
+    else:
+        since = f"last heard {short_duration(now - device['last_heard_ms'])} ago"
+    strip, label = [], ""
+    if device["online_minutes"]:
+        last = device["last_minute"]
+        first = max(device["first_minute"], last - strip_minutes + 1)
+        hours = db.execute("SELECT hour, minutes FROM online_hours WHERE device_key = ? AND hour BETWEEN ? AND ?"
+                           " ORDER BY hour", (device["device_key"], first // 60, last // 60)).fetchall()
+        strip = [{"online": online, "minutes": end - start + 1,
+                  "first": minute_to_rfc3339(start), "last": minute_to_rfc3339(end)}
+                 for online, start, end in online_runs(hours, first, last)]
+        online = sum(run["minutes"] for run in strip if run["online"])
+        span = last - first  # exclusive, as uptime counts it
+        label = f"{min(online, span)} of {span} minutes online" if span else "1 minute online"
+    return {
+        **view,
+        "since": since,
+        "url": url_for("fleet.device_page", device_id=device["device_id"]),
+        "online_minutes": device["online_minutes"],
+        "upload_count": device["upload_count"],
+        "average": human_duration(mean_ns(device["upload_total_ns"], device["upload_count"])),
+        "strip": strip,
+        "strip_label": label,
+        "gaps": sum(1 for run in strip if not run["online"]),
+    }
+
+
+def online_runs(hours: Iterable[tuple[int, int]], first: int, last: int) -> list[tuple[bool, int, int]]:
+    """Every minute from first to last, as runs of (online, first minute, last minute),
+    from (hour, bits) rows in hour order: ([(0, 0b110)], 0, 3) gives
+    [(False, 0, 0), (True, 1, 2), (False, 3, 3)]. A full hour is one step, not sixty."""
+    runs: list[tuple[bool, int, int]] = []
+
+    def add(online: bool, start: int, end: int) -> None:
+        start, end = max(start, first), min(end, last)
+        if start > end:
+            return
+        if runs and runs[-1][0] == online and runs[-1][2] == start - 1:
+            runs[-1] = (online, runs[-1][1], end)
+        else:
+            runs.append((online, start, end))
+
+    expected = first
+    for hour, bits in hours:
+        start = hour * 60
+        add(False, expected, start - 1)
+        if bits in (0, FULL_HOUR):
+            add(bits == FULL_HOUR, start, start + 59)
+        else:
+            for minute_of_hour in range(60):
+                add(bool(bits >> minute_of_hour & 1), start + minute_of_hour, start + minute_of_hour)
+        expected = start + 60
+    add(False, expected, last)
+    return runs
+
+
+def human_duration(ns: int) -> str:
+    """A mean upload time as a person reads it: 3 min 22 s, 45.2 s, 850 ms."""
+    if ns < 1_000_000:
+        return f"{ns / 1_000:.0f} µs" if ns >= 1_000 else f"{ns} ns"
+    if ns < 1_000_000_000:
+        return f"{ns / 1_000_000:.0f} ms"
+    if ns < 60_000_000_000:
+        return f"{ns / 1_000_000_000:.1f} s"
+    seconds = round(ns / 1_000_000_000)
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+# --- Metrics for Prometheus ---------------------------------------------------------
+
+# Per-device series only for a fleet this small: a scrape of a larger one would be
+# large, and every device a series of its own in the time-series database.
+METRICS_PER_DEVICE_UP_TO = 1000
+
+metrics = Blueprint("metrics", __name__)
+
+
+class FleetCollector:
+    """The fleet's gauges, read from the database at each scrape."""
+
+    def __init__(self, app: Flask):
+        self.app = app
+
+    def collect(self):
+        with self.app.app_context():
+            db = get_db()
+            counts = count_by_status(db, "")
+            devices = GaugeMetricFamily("fleetmon_devices", "Devices of the devices file, by status", labels=["status"])
+            for status in STATUSES:
+                devices.add_metric([status], counts[status])
+            yield devices
+            alerts = CounterMetricFamily("fleetmon_alerts", "Changes of status, by the new status", labels=["status"])
+            for status in ("down", "up"):
+                alerts.add_metric([status], db.execute("SELECT count(*) FROM alerts WHERE status = ?",
+                                                       (status,)).fetchone()[0])
+            yield alerts
+            if counts["devices"] <= METRICS_PER_DEVICE_UP_TO:
+                up = GaugeMetricFamily("fleetmon_device_up", "1 if the device is up, 0 if down or never heard",
+                                       labels=["device_id"])
+                uptime = GaugeMetricFamily("fleetmon_device_uptime_percent", "The device's uptime, as GET stats has it",
+                                           labels=["device_id"])
+                for device in db.execute("SELECT * FROM devices WHERE device_key IN temp.listed ORDER BY device_id"):
+                    up.add_metric([device["device_id"]], status_of(device) == "up")
+                    uptime.add_metric([device["device_id"]], device["uptime"])
+                yield up
+                yield uptime
+
+
+def init_metrics(app: Flask) -> None:
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(FleetCollector(app))
+    counters = {
+        "heard": prometheus_client.Counter("fleetmon_telemetry", "Telemetry accepted, by kind",
+                                           ["kind"], registry=registry),
+        "requests": prometheus_client.Counter("fleetmon_requests", "Requests answered, by endpoint and status",
+                                              ["endpoint", "status"], registry=registry),
+    }
+    app.extensions["fleetmon.metrics"] = (registry, counters)
+
+    @app.after_request
+    def count_request(response):
+        endpoint = request.endpoint or "none"
+        counters["requests"].labels(endpoint, str(response.status_code)).inc()
+        if response.status_code == 204 and endpoint in ("api.post_heartbeat", "api.post_stats"):
+            counters["heard"].labels("heartbeat" if endpoint == "api.post_heartbeat" else "upload").inc()
+        return response
+
+
+@metrics.get("/metrics")
+def metrics_view():
+    registry, _ = current_app.extensions["fleetmon.metrics"]
+    return prometheus_client.generate_latest(registry), 200, {"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
+
+
+# --- Debug views and docs -----------------------------------------------------------
+
+debug = Blueprint("debug", __name__)
+# Swagger UI from the swagger-ui-bundle package, so that the docs work offline.
+docs = Blueprint("docs", __name__, static_folder=swagger_ui_path, static_url_path="/docs",
+                 template_folder=swagger_ui_path)
+
+
+@debug.get("/debug/devices")
+def debug_devices():
+    """The listed devices in id order, a page at a time: `next` continues the list."""
+    limit = int_argument("limit", 100, 1, LIST_LIMIT)
+    rows = get_db().execute(
+        "SELECT * FROM devices INDEXED BY devices_by_id WHERE device_id > ? AND device_key IN temp.listed"
+        " ORDER BY device_id LIMIT ?",
+        (request.args.get("after", ""), limit + 1),  # one more: is there a next page?
+    ).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "devices": [
+            {
+                "device_id": row["device_id"],
+                "has_sent": bool(row["online_minutes"] or row["upload_count"]),
+                "online_minutes": row["online_minutes"],
+                "upload_count": row["upload_count"],
+                "history_kept_from": None if row["kept_from"] is None else minute_to_rfc3339(row["kept_from"]),
+            }
+            for row in rows
+        ],
+        "next": url_for(".debug_devices", after=rows[-1]["device_id"], limit=limit) if more else None,
+    }
+
+
+@debug.get("/debug/stats/<device_id>")
+def debug_stats(device_id: str):
+    db = get_db()
+    row = read_device(db, device_id)
+    has_heartbeats = row["online_minutes"] > 0
+    stored = db.execute(
+        "SELECT (SELECT count(*) FROM online_hours WHERE device_key = :key),"
+        " (SELECT count(*) FROM uploads WHERE device_key = :key)", {"key": row["device_key"]}).fetchone()
+    return {
+        "device_id": device_id,
+        "online_minutes": row["online_minutes"],
+        "first_online_minute": minute_to_rfc3339(row["first_minute"]) if has_heartbeats else None,
+        "last_online_minute": minute_to_rfc3339(row["last_minute"]) if has_heartbeats else None,
+        "upload_count": row["upload_count"],
+        "upload_total_ns": row["upload_total_ns"],
+        "history_kept_from": None if row["kept_from"] is None else minute_to_rfc3339(row["kept_from"]),
+        "stored_hours": stored[0],
+        "stored_uploads": stored[1],
+        "stats": device_stats(aggregates_of(row)),
+    }
+
+
+@docs.get("/openapi.json")
+def openapi_document():
+    return current_app.extensions["fleetmon.openapi"]
+
+
+@docs.get("/docs/")
+def docs_page():
+    return render_template("index.j2", openapi_spec_url=url_for(".openapi_document"))
+
+
+# --- Putting it together ------------------------------------------------------------
+
+
+def create_app(database: Path = DEFAULT_DATABASE, devices_csv: Path = DEFAULT_DEVICES_CSV,
+               keep_days: int | None = None) -> Flask:
+    """The app factory. Raises StartupError for an unusable devices file or database.
+
+    Its owner calls close_storage(app) when done with it.
+    """
+    app = Flask(__name__, static_folder=None)
+    app.config.update(
+        DATABASE=Path(database),
+        DEVICES_CSV=Path(devices_csv),
+        DEVICE_IDS=load_device_ids(Path(devices_csv)),
+        KEEP_DAYS=keep_days,
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+    )
+    # A path with "//" is an unknown path, not a redirect to another one.
+    app.url_map.merge_slashes = False
+    with app.open_resource("openapi.json") as document:
+        app.extensions["fleetmon.openapi"] = json.load(document)
+    app.extensions["fleetmon.heard"] = []
+    app.extensions["fleetmon.errors_seen"] = set()
+    init_storage(app)
+    init_metrics(app)
+    for blueprint in (api, fleet, metrics, debug, docs):
+        app.register_blueprint(blueprint)
+    return app
+
+
+ACTIVITY_INTERVAL_SECONDS = 10
 # The answers the activity line counts, by the endpoint that gives them.
-ACTIVITY_KINDS = {"fleetmon.post_heartbeat": "heartbeats", "fleetmon.post_stats": "uploads",
-                  "fleetmon.get_stats": "stats reads"}
+ACTIVITY_KINDS = {"api.post_heartbeat": "heartbeats", "api.post_stats": "uploads", "api.get_stats": "stats reads"}
 
 
 class Activity:
     """What the server answered, told as one line an interval, and nothing while idle."""
 
-    def __init__(self):
+    def __init__(self, monotonic_now: float):
         self._answers: Counter[str] = Counter()
         self._errors: Counter[int] = Counter()
+        self._since = monotonic_now
         self._lock = threading.Lock()
 
     def count(self, response):
@@ -856,11 +1454,12 @@ class Activity:
                 self._answers[ACTIVITY_KINDS[request.endpoint]] += 1
         return response
 
-    def take_line(self, seconds: int) -> str | None:
+    def take_line(self, monotonic_now: float) -> str | None:
         """The line for what was counted since the last call, or None if nothing was."""
         with self._lock:
             answers, errors = self._answers, self._errors
             self._answers, self._errors = Counter(), Counter()
+            seconds, self._since = monotonic_now - self._since, monotonic_now
         if not answers and not errors:
             return None
         parts = [f"{answers[kind]:,} {kind}" for kind in ACTIVITY_KINDS.values()]
@@ -868,7 +1467,7 @@ class Activity:
         parts.append(f"{rejected:,} rejected")
         if rejected < errors.total():
             parts.append(f"{errors.total() - rejected:,} failed")
-        line = f"fleetmon: last {seconds} s: " + ", ".join(parts)
+        line = f"fleetmon: last {seconds:.0f} s: " + ", ".join(parts)
         if errors:
             line += " (" + ", ".join(f"{status} x{n:,}" for status, n in sorted(errors.items())) + ")"
         return line
@@ -876,299 +1475,100 @@ class Activity:
 
 def report_activity(activity: Activity, stop: threading.Event) -> None:
     while not stop.wait(ACTIVITY_INTERVAL_SECONDS):
-        line = activity.take_line(ACTIVITY_INTERVAL_SECONDS)
+        line = activity.take_line(time.monotonic())
         if line:
             print(line, flush=True)
 
 
-def serve(app: Flask, host: str, port: int) -> None:
-    """Serve app with waitress until Ctrl+C, telling what it does."""
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def serve(app: Flask, host: str, port: int, down_after_seconds: float, alert_url: str | None) -> None:
+    """Serve app with waitress until Ctrl+C, with the housekeeping beside it, telling
+    what it does."""
     try:
         server = create_server(app, host, port)
     except OSError as error:
         in_use = error.errno == errno.EADDRINUSE
         reason = "the port is in use (another fleetmon? --port chooses another)" if in_use else error.strerror
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
-    if hasattr(os, "sched_setaffinity"):  # Linux
-        # waitress's two threads on one core hand the GIL to each other at once; on two
-        # cores each waits out Python's switch interval (README.md, "Many clients at once").
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    activity = Activity()
+    activity = Activity(time.monotonic())
     app.after_request(activity.count)
     stop = threading.Event()
     reporter = threading.Thread(target=report_activity, args=(activity, stop), name="fleetmon activity")
+    try:
+        housekeeping = Housekeeping(app, down_after_seconds, alert_url, app.config["KEEP_DAYS"],
+                                    announce=lambda line: print(line, flush=True))
+    except BaseException:
+        server.close()
+        raise
     devices = len(app.config["DEVICE_IDS"])
-    url = f"http://{host}:{server.effective_port}"
+    url = f"http://{url_host(host)}:{server.effective_port}"
+    if app.config["UPGRADED"]:
+        print(f"fleetmon: {app.config['UPGRADED']}")
     print(f"fleetmon: {devices:,} device{'s' if devices != 1 else ''} from {app.config['DEVICES_CSV'].absolute()}, "
           f"database {app.config['DATABASE'].absolute()}")
+    print(f"fleetmon: a device is down after {short_duration(int(down_after_seconds * 1000))} unheard"
+          + (f"; alerts to {alert_url}" if alert_url else "")
+          + (f"; history kept {app.config['KEEP_DAYS']} days" if app.config["KEEP_DAYS"] else ""))
     print(f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)", flush=True)
     reporter.start()
+    housekeeping.start()
     try:
         server.run()  # until Ctrl+C, which it catches
     finally:
         stop.set()
         reporter.join()
+        housekeeping.close()
         server.close()
+        last_line = activity.take_line(time.monotonic())
+        if last_line:
+            print(last_line)
+        print("fleetmon: stopped", flush=True)
 
 
-# --- Simulator ----------------------------------------------------------------------
-
-SIMULATED_DAY_START = datetime(2024, 1, 1, 10, 0, tzinfo=UTC)
-SIMULATED_DAY_MINUTES = 480
-UPLOADS_A_DAY = 100
-
-
-class PublishedDay(NamedTuple):
-    """What the vendor's simulator publishes for one of its devices."""
-
-    heartbeats: int  # over a 480-minute span
-    uptime: str  # as it prints it, with five decimals
-    avg_upload_time: str
-    mean_ns: int  # the same mean, in nanoseconds
-
-
-PUBLISHED_DAYS = {
-    "60-6b-44-84-dc-64": PublishedDay(479, "99.79167", "3m7.893379134s", 187_893_379_134),
-    "b4-45-52-a2-f1-3c": PublishedDay(480, "100.00000", "3m19.085533836s", 199_085_533_836),
-    "26-9a-66-01-33-83": PublishedDay(446, "92.91667", "3m21.858747766s", 201_858_747_766),
-    "18-b8-87-e7-1f-06": PublishedDay(474, "98.75000", "3m17.331667813s", 197_331_667_813),
-    "38-4e-73-e0-33-59": PublishedDay(479, "99.79167", "3m29.226522788s", 209_226_522_788),
-}
-
-
-class Telemetry(NamedTuple):
-    second: float  # of the simulated day, when the device sends it
-    path: str
-    body: dict
-
-
-def simulated_day(device_id: str, seed: int = 0) -> list[Telemetry]:
-    """A day of a device's telemetry, in the order it sends it.
-
-    The vendor's devices get a day that gives exactly its published stats; any other
-    device a day drawn from the seed and its id, most steady and some flaky. Heartbeats
-    come once a minute, with a few retries within a minute and a few sent out of order;
-    uploads about every five minutes.
-    """
-    random = Random(f"{seed}:{device_id}")
-    published = PUBLISHED_DAYS.get(device_id)
-    if published:
-        missed = random.sample(range(1, SIMULATED_DAY_MINUTES), SIMULATED_DAY_MINUTES + 1 - published.heartbeats)
-        mean, spread = published.mean_ns, 7_919_113
-        # Half above the mean and half below, plus 99 ns: truncating division gives the
-        # mean, rounding would give one more.
-        uploads = [mean + sign * step * spread for step in range(UPLOADS_A_DAY // 2) for sign in (1, -1)]
-        uploads[0] += 99
-    else:
-        miss_rate = random.choice([0.002, 0.005, 0.01, 0.01, 0.02, random.uniform(0.05, 0.3)])
-        missed = [m for m in range(1, SIMULATED_DAY_MINUTES) if random.random() < miss_rate]
-        mean = random.randint(60, 300) * 10**9
-        uploads = [max(0, int(random.gauss(mean, mean / 5))) for _ in range(UPLOADS_A_DAY)]
-
-    telemetry = []
-    for minute in sorted(set(range(SIMULATED_DAY_MINUTES + 1)) - set(missed)):
-        second = minute * 60 + random.uniform(0, 50)
-        telemetry.append(Telemetry(second, f"/api/v1/devices/{device_id}/heartbeat", {"sent_at": None}))
-        if random.random() < 0.02:  # a retry, later in the same minute
-            telemetry.append(Telemetry(second + 5, telemetry[-1].path, {"sent_at": None}))
-    for number, upload_time in enumerate(uploads):
-        second = number * SIMULATED_DAY_MINUTES * 60 / len(uploads) + random.uniform(0, 200)
-        telemetry.append(Telemetry(second, f"/api/v1/devices/{device_id}/stats", {"upload_time": upload_time}))
-    telemetry.sort(key=lambda event: event.second)
-    for event in telemetry:
-        event.body["sent_at"] = rfc3339(SIMULATED_DAY_START + timedelta(seconds=event.second))
-    for index in random.sample(range(len(telemetry) - 1), len(telemetry) // 100):
-        telemetry[index], telemetry[index + 1] = telemetry[index + 1], telemetry[index]  # out of order
-    return telemetry
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class SimulatorError(Exception):
-    """A problem that stops the simulator, told in one line."""
-
-
-class Simulation:
-    """Clients that send the simulated days of a fleet to a running fleetmon, in parallel."""
-
-    MAX_CLIENTS = 16
-
-    def __init__(self, url: str, device_ids: Iterable[str], seed: int, pace: float):
-        parts = urlsplit(url)
-        try:
-            port = parts.port or 80
-        except ValueError:  # a port that is no number, or past 65535
-            port = None
-        if parts.scheme != "http" or not parts.hostname or port is None:
-            raise SimulatorError(f"--url must be an http:// URL with a valid port, not {url!r}")
-        self.url, self.host, self.port = url, parts.hostname, port
-        self.device_ids = sorted(device_ids)
-        # Of the devices not the vendor's, the first sends nothing: a fleet has its silent one.
-        self.silent = min(set(self.device_ids) - set(PUBLISHED_DAYS), default=None)
-        self.seed, self.pace = seed, pace
-        self.total = self.sent = self.failed = 0
-        self.started = time.monotonic()
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-
-    def connection(self) -> HTTPConnection:
-        return HTTPConnection(self.host, self.port, timeout=30)
-
-    def check_fleetmon_answers(self) -> None:
-        try:
-            with closing(self.connection()) as connection:
-                connection.request("GET", "/", headers={"Accept": "application/json"})
-                response = connection.getresponse()
-                body = response.read()
-        except OSError as error:
-            raise SimulatorError(f"nothing answers at {self.url} ({error}); is fleetmon running?") from None
-        try:
-            is_fleetmon = json.loads(body).get("name") == "fleetmon"
-        except (ValueError, AttributeError):
-            is_fleetmon = False
-        if response.status != 200 or not is_fleetmon:
-            raise SimulatorError(f"{self.url} answers, but not as fleetmon (HTTP {response.status})")
-
-    def run(self) -> None:
-        """Send every device's day, each client its share of devices in time order."""
-        days = {device_id: simulated_day(device_id, self.seed) if device_id != self.silent else []
-                for device_id in self.device_ids}
-        self.total = sum(map(len, days.values()))
-        clients = min(len(self.device_ids), self.MAX_CLIENTS)
-        # merge() keeps each day's own order, out-of-order sends included.
-        shares = [list(merge(*(days[device_id] for device_id in self.device_ids[i::clients]),
-                             key=lambda event: event.second))
-                  for i in range(clients)]
-        self.started = time.monotonic()
-        threads = [threading.Thread(target=self.send, args=(share,)) for share in shares]
-        for thread in threads:
-            thread.start()
-        try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.5)
-                    self.show_progress()
-        finally:
-            self.stop.set()
-            for thread in threads:
-                thread.join()
-        self.show_progress(end="\n")
-
-    def send(self, telemetry: list[Telemetry]) -> None:
-        with closing(self.connection()) as connection:
-            for event in telemetry:
-                due = self.started + event.second / (SIMULATED_DAY_MINUTES * 60) * self.pace
-                if self.stop.wait(max(0.0, due - time.monotonic())):
-                    return
-                status = self.post(connection, event)
-                with self._lock:
-                    self.sent += 1
-                    self.failed += status != 204
-
-    @staticmethod
-    def post(connection: HTTPConnection, event: Telemetry) -> int:
-        """POST one event: its status, or 0 if it got no answer.
-
-        A heartbeat is sent once more, on a fresh connection, if the server had closed the
-        connection (an idle one, say): a heartbeat counts once however often it comes. An
-        upload is not: it may have been stored before the connection broke.
-        """
-        attempts = 2 if event.path.endswith("/heartbeat") else 1
-        for _ in range(attempts):
-            try:
-                connection.request("POST", event.path, body=json.dumps(event.body),
-                                   headers={"Content-Type": "application/json"})
-                response = connection.getresponse()
-                response.read()
-                return response.status
-            except (OSError, http.client.HTTPException):
-                connection.close()
-        return 0
-
-    def show_progress(self, end: str = "") -> None:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        print(f"\rsimulate: {self.sent:,} of {self.total:,} requests sent, {self.failed:,} failed, "
-              f"{self.sent / elapsed:,.0f} requests/s", end=end, file=sys.stderr, flush=True)
-
-    def results(self) -> list[tuple[str, str, str, str]]:
-        """(device, uptime, average upload time, verdict) for every device; the vendor's
-        simulator's table, with expected against actual for its own devices."""
-        table = []
-        with closing(self.connection()) as connection:
-            for device_id in self.device_ids:
-                connection.request("GET", f"/api/v1/devices/{device_id}/stats")
-                response = connection.getresponse()
-                body = response.read()
-                stats = json.loads(body) if response.status == 200 else None
-                uptime = f"{stats['uptime']:.5f}" if stats else "-"
-                average = stats["avg_upload_time"] if stats else "-"
-                verdict = ""
-                published = PUBLISHED_DAYS.get(device_id)
-                if published:
-                    expected = (published.uptime, published.avg_upload_time)
-                    verdict = "PASS" if (uptime, average) == expected else f"FAIL, expected {' '.join(expected)}"
-                table.append((device_id, uptime, average, verdict))
-        return table
-
-
-def simulate(args: argparse.Namespace) -> int:
-    """`python fleetmon.py simulate`: the exit status."""
-    simulation = Simulation(args.url.rstrip("/"), load_device_ids(args.devices), args.seed, args.pace)
-    simulation.check_fleetmon_answers()
+def seconds_argument(text: str) -> float:
+    """--down-after: seconds, or a number with s, m or h."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
     try:
-        simulation.run()
-    except KeyboardInterrupt:
-        print(f"\nsimulate: stopped; {simulation.sent:,} requests sent, {simulation.failed:,} failed", file=sys.stderr)
-        return 1
-    try:
-        table = simulation.results()
-    except (OSError, http.client.HTTPException) as error:
-        raise SimulatorError(f"{simulation.url} stopped answering before the results were read ({error})") from None
-    print(f"{'device_id':<20} {'uptime':>10}  {'avg_upload_time':<18} check")
-    for device_id, uptime, average, verdict in table:
-        print(f"{device_id:<20} {uptime:>10}  {average:<18} {verdict}".rstrip())
-    checks = [verdict for *_, verdict in table if verdict]
-    passed = checks.count("PASS")
-    print(f"simulate: {simulation.sent:,} requests sent, {simulation.failed:,} failed; "
-          f"{passed} of {len(checks)} published results match")
-    all_sent = simulation.sent == simulation.total and simulation.failed == 0
-    return 0 if all_sent and passed == len(checks) else 1
-
-
-# --- Entry point --------------------------------------------------------------------
+        seconds = float(number) * unit
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time: give seconds, or a number with s, m or h, like 5m")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetmon.py", description="Serve fleetmon with waitress.")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port, 0 for any free one (default %(default)s)")
-    parser.add_argument("--devices", type=Path, default=DEFAULT_DEVICES_CSV, help="devices CSV (default: beside fleetmon.py)")
+    parser.add_argument("--devices", type=Path, default=DEFAULT_DEVICES_CSV,
+                        help="devices CSV (default: beside fleetmon.py)")
     parser.add_argument("--db", type=Path, default=DEFAULT_DATABASE, help="SQLite database (default: beside fleetmon.py)")
-    commands = parser.add_subparsers(dest="command", title="commands")
-    simulator = commands.add_parser("simulate", help="send a simulated day of telemetry to a running fleetmon")
-    simulator.add_argument("--url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}", help="fleetmon's address (default %(default)s)")
-    # SUPPRESS: given before `simulate` or after it, --devices is the same option.
-    simulator.add_argument("--devices", type=Path, default=argparse.SUPPRESS, help="devices CSV (default: beside fleetmon.py)")
-    simulator.add_argument("--seed", type=int, default=0, help="draws the days of devices other than the vendor's (default %(default)s)")
-    simulator.add_argument("--pace", type=float, default=0.0, metavar="SECONDS",
-                           help="spread the day over this long (default: as fast as it goes)")
+    parser.add_argument("--down-after", type=seconds_argument, default=DEFAULT_DOWN_AFTER_SECONDS, metavar="TIME",
+                        help="a device not heard for this long is down: seconds, or with s, m or h (default 5m)")
+    parser.add_argument("--alert-url", metavar="URL", help="POST each change of status here as JSON (a Slack or "
+                        "Mattermost incoming webhook shows its text)")
+    parser.add_argument("--keep-days", type=int, metavar="N", help="prune raw telemetry more than N days older than "
+                        "each device's newest (default: keep everything); stats are kept whole")
     args = parser.parse_args(argv)
 
-    if args.command == "simulate":
-        try:
-            return simulate(args)
-        except (StartupError, SimulatorError) as error:
-            print(f"simulate: {error}", file=sys.stderr)
-            return 2
     if not 0 <= args.port <= 65535:
         print(f"fleetmon: port {args.port} is outside 0-65535", file=sys.stderr)
         return 1
+    if args.keep_days is not None and args.keep_days < 1:
+        print(f"fleetmon: --keep-days must be 1 or more, not {args.keep_days}", file=sys.stderr)
+        return 1
+    if args.alert_url and not args.alert_url.startswith(("http://", "https://")):
+        print(f"fleetmon: --alert-url must be an http:// or https:// URL, not {args.alert_url!r}", file=sys.stderr)
+        return 1
     try:
-        app = create_app(database=args.db, devices_csv=args.devices)
+        app = create_app(database=args.db, devices_csv=args.devices, keep_days=args.keep_days)
         try:
-            serve(app, args.host, args.port)
+            serve(app, args.host, args.port, args.down_after, args.alert_url)
         finally:
             close_storage(app)
     except StartupError as error:

@@ -1,63 +1,88 @@
--- fleetmon's database. Applied at every start, so every statement must be safe to run
--- again on an existing database.
+-- fleetmon's database, as a new one gets it. Applied at every start, after any upgrade
+-- from migrations/, so every statement must be safe to run again on an existing database.
 
--- Small pages: each write commits a few whole pages to the WAL, and small ones are
--- quicker to write (README.md, "Performance"). Only a new database takes it; then it is fixed.
+-- Small pages: each write commits a few whole pages to the write-ahead log, and small
+-- ones are quicker to write. Only a new database takes it; then it is fixed.
 PRAGMA page_size = 1024;
 
--- WAL lets GET stats read while a heartbeat is being written, and makes a commit one
+-- WAL lets readers read while a heartbeat is being written, and makes a commit one
 -- append to the log. The setting is stored in the database file.
 PRAGMA journal_mode = WAL;
 
--- One row per minute in which a device sent at least one heartbeat. The primary key is
--- what makes a retried heartbeat count once.
-CREATE TABLE IF NOT EXISTS heartbeat_minutes (
-    device_id TEXT    NOT NULL,
-    minute    INTEGER NOT NULL,  -- whole UTC minutes since 1970-01-01T00:00:00Z
-    PRIMARY KEY (device_id, minute)
-) WITHOUT ROWID;
-
--- Every accepted upload report.
-CREATE TABLE IF NOT EXISTS uploads (
-    id             INTEGER PRIMARY KEY,
-    device_id      TEXT    NOT NULL,
-    sent_at        TEXT    NOT NULL,  -- RFC 3339, exactly as the device sent it
-    upload_time_ns INTEGER NOT NULL CHECK (upload_time_ns >= 0)
+-- One row per device ever listed in a devices file: its aggregates, kept in step with
+-- the raw telemetry below by the statements that store it, so that GET stats reads one
+-- row whatever the history; its retention boundary; and its status by fleetmon's clock.
+-- device_key is what the raw tables repeat, so that no row carries the text id.
+CREATE TABLE IF NOT EXISTS devices (
+    device_key      INTEGER PRIMARY KEY,
+    device_id       TEXT    NOT NULL,
+    online_minutes  INTEGER NOT NULL DEFAULT 0,
+    first_minute    INTEGER,             -- of its heartbeats, in UTC minutes since 1970;
+    last_minute     INTEGER,             -- NULL until the first
+    upload_count    INTEGER NOT NULL DEFAULT 0,
+    upload_total_ns INTEGER NOT NULL DEFAULT 0,  -- exact; the app refuses to overflow it
+    newest_minute   INTEGER,             -- of any telemetry: retention counts back from it
+    kept_from       INTEGER,             -- a minute: older telemetry was pruned, and is refused
+    last_heard_ms   INTEGER,             -- fleetmon's clock, ms since 1970; NULL: never heard
+    down_since_ms   INTEGER,             -- when last heard before it went down; NULL unless down
+    -- uptime_percent() of fleetmon.py, in SQL, so that the fleet page can be ordered by an
+    -- index; test_fleetmon.py holds the two equal to the last bit.
+    uptime          REAL GENERATED ALWAYS AS (
+        CASE WHEN online_minutes = 0 THEN 0.0
+             WHEN last_minute = first_minute THEN 100.0
+             ELSE min(online_minutes * 1.0 / (last_minute - first_minute) * 100, 100.0) END
+    ) VIRTUAL
 );
 
--- The devices of the devices file as of the latest start: what the fleet page and the
--- debug views list. A device dropped from the file keeps its telemetry and its row below.
-CREATE TABLE IF NOT EXISTS listed_devices (
-    device_id TEXT PRIMARY KEY
+CREATE UNIQUE INDEX IF NOT EXISTS devices_by_id ON devices (device_id);
+
+-- The fleet page's order: down devices first, longest down first; then worst uptime
+-- first; devices that have sent nothing last. A page of it is a walk along this index.
+CREATE INDEX IF NOT EXISTS devices_by_concern ON devices (
+    down_since_ms IS NULL, down_since_ms, online_minutes = 0 AND upload_count = 0, uptime, device_id
+);
+-- Counting the down and the never-heard devices reads only these entries. Neither index
+-- changes when a heard device is heard again. (fleetmon's queries name the index each
+-- one walks: with a temporary table in the query, SQLite would rather start from that.)
+CREATE INDEX IF NOT EXISTS devices_down ON devices (down_since_ms) WHERE down_since_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS devices_never_heard ON devices (device_key) WHERE last_heard_ms IS NULL;
+
+-- A device's online minutes, an hour a row: bit m of `minutes` is minute m of the hour
+-- (bits 0-59). A heartbeat sets one bit; a retry finds it set and changes nothing.
+CREATE TABLE IF NOT EXISTS online_hours (
+    device_key INTEGER NOT NULL,
+    hour       INTEGER NOT NULL,  -- UTC hours since 1970-01-01T00:00Z
+    minutes    INTEGER NOT NULL,
+    PRIMARY KEY (device_key, hour)
 ) WITHOUT ROWID;
 
--- The aggregates GET stats reads, one row per known device, so that its cost does not
--- grow with the history. A row whose counts are both zero is a device that has sent
--- nothing yet. The triggers below keep it in step with the two tables above, in the
--- statement that inserts into them.
-CREATE TABLE IF NOT EXISTS device_stats (
-    device_id       TEXT PRIMARY KEY,
-    online_minutes  INTEGER NOT NULL DEFAULT 0,
-    first_minute    INTEGER,             -- NULL until the first heartbeat
-    last_minute     INTEGER,
-    upload_count    INTEGER NOT NULL DEFAULT 0,
-    upload_total_ns INTEGER NOT NULL DEFAULT 0  -- exact; the app refuses to overflow it
+-- Every accepted upload report, numbered per device in the order they arrived.
+CREATE TABLE IF NOT EXISTS uploads (
+    device_key     INTEGER NOT NULL,
+    number         INTEGER NOT NULL,
+    sent_at        INTEGER NOT NULL,  -- UTC seconds since 1970, the fraction dropped
+    upload_time_ns INTEGER NOT NULL CHECK (upload_time_ns >= 0),
+    PRIMARY KEY (device_key, number)
 ) WITHOUT ROWID;
 
--- A heartbeat in a minute already stored inserts nothing, and so fires nothing.
-CREATE TRIGGER IF NOT EXISTS count_online_minute AFTER INSERT ON heartbeat_minutes
-BEGIN
-    UPDATE device_stats
-    SET online_minutes = online_minutes + 1,
-        first_minute = min(coalesce(first_minute, NEW.minute), NEW.minute),
-        last_minute = max(coalesce(last_minute, NEW.minute), NEW.minute)
-    WHERE device_id = NEW.device_id;
-END;
+-- Every outage: from when the device was last heard to when it was heard again.
+CREATE TABLE IF NOT EXISTS outages (
+    device_key INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms   INTEGER,                -- NULL while it lasts
+    PRIMARY KEY (device_key, started_ms)
+) WITHOUT ROWID;
 
-CREATE TRIGGER IF NOT EXISTS add_upload AFTER INSERT ON uploads
-BEGIN
-    UPDATE device_stats
-    SET upload_count = upload_count + 1,
-        upload_total_ns = upload_total_ns + NEW.upload_time_ns
-    WHERE device_id = NEW.device_id;
-END;
+-- Every change of status, written in the transaction that makes the change, and marked
+-- delivered once the alert URL took it (an outbox: a crash before delivery loses none).
+CREATE TABLE IF NOT EXISTS alerts (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: receivers drop repeats by it
+    device_key    INTEGER NOT NULL,
+    status        TEXT    NOT NULL CHECK (status IN ('down', 'up')),
+    at_ms         INTEGER NOT NULL,    -- when fleetmon noticed
+    last_heard_ms INTEGER NOT NULL,    -- when the device was last heard before it
+    delivered     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS alerts_to_deliver ON alerts (id) WHERE NOT delivered;
+
+PRAGMA user_version = 1;

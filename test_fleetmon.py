@@ -18,7 +18,7 @@ import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
@@ -29,16 +29,15 @@ from hypothesis import strategies as st
 from waitress import wasyncore
 
 import fleetmon
+from simulator import PUBLISHED_DAYS, simulated_day
 from fleetmon import (
     INT64_MAX,
-    PUBLISHED_DAYS,
     StartupError,
     create_app,
     format_duration,
     load_device_ids,
     mean_ns,
     minute_to_rfc3339,
-    simulated_day,
     uptime_percent,
     utc_minute,
 )
@@ -123,12 +122,27 @@ def write(path, content):
     return path
 
 
-def stored(app, tables=("heartbeat_minutes", "uploads", "device_stats")):
+def stored(app, tables=("devices", "online_hours", "uploads", "outages", "alerts")):
     """What the database holds, to show that a rejected request changed nothing."""
     # sqlite3's `with connect(...)` commits or rolls back but never closes the
     # connection; closing() does, as every test here must (3.13 warns of one left open).
     with closing(sqlite3.connect(app.config["DATABASE"])) as db:
         return {table: db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall() for table in tables}
+
+
+def stored_minutes(app, device_id=DEVICE):
+    """The online minutes stored for a device, from the bits of its hours."""
+    with closing(sqlite3.connect(app.config["DATABASE"])) as db:
+        hours = db.execute("SELECT hour, minutes FROM online_hours JOIN devices USING (device_key)"
+                           " WHERE device_id = ? ORDER BY hour", (device_id,)).fetchall()
+    return [hour * 60 + bit for hour, bits in hours for bit in range(60) if bits >> bit & 1]
+
+
+def stored_uploads(app, device_id=DEVICE):
+    """(number, sent_at in UTC seconds, upload_time_ns) of a device's stored uploads."""
+    with closing(sqlite3.connect(app.config["DATABASE"])) as db:
+        return db.execute("SELECT number, sent_at, upload_time_ns FROM uploads JOIN devices USING (device_key)"
+                          " WHERE device_id = ? ORDER BY number", (device_id,)).fetchall()
 
 
 def http_request(connection, method, path, body=None):
@@ -356,8 +370,9 @@ def test_load_device_ids_tolerates_what_spreadsheets_write(tmp_path):
         (b"device_id\n", "devices file {path} lists no devices under device_id"),
         (b"name,device_id\nA, \n\nB\n", "devices file {path} lists no devices under device_id"),
         (b"device_id\n\n  \n", "devices file {path} lists no devices under device_id"),
-        (b"device_id\naa-01\n\nbb/02\n",
-         "devices file {path}, line 4: device id 'bb/02' contains '/', which no URL can carry"),
+        (b"device_id\naa-01\n\nbb/02\n", "devices file {path}, line 4: no URL can carry the device id 'bb/02'"),
+        (b"device_id\n.\n", "devices file {path}, line 2: no URL can carry the device id '.'"),
+        (b"device_id\naa-01\n ..\n", "devices file {path}, line 3: no URL can carry the device id '..'"),
     ],
 )
 def test_load_device_ids_refuses_a_file_it_cannot_serve(tmp_path, content, message):
@@ -386,14 +401,15 @@ def test_a_heartbeat_is_an_empty_204_and_marks_its_utc_minute_online(app, client
     response = client.post(heartbeat_url(), json={"sent_at": "2024-01-01T10:04:31+02:00"})
     assert (response.status_code, response.data) == (204, b"")
     assert "Content-Type" not in response.headers
-    assert stored(app)["heartbeat_minutes"] == [(DEVICE, utc_minute("2024-01-01T08:04:00Z"))]
+    assert stored_minutes(app) == [utc_minute("2024-01-01T08:04:00Z")]
 
 
-def test_an_upload_is_an_empty_204_and_stored_as_sent(app, client):
+def test_an_upload_is_an_empty_204_and_stored_in_utc_seconds(app, client):
     response = client.post(stats_url(), json={"sent_at": "2024-01-01T10:04:00.123456789-05:00",
                                               "upload_time": 187_893_379_134})
     assert (response.status_code, response.data) == (204, b"")
-    assert stored(app)["uploads"] == [(1, DEVICE, "2024-01-01T10:04:00.123456789-05:00", 187_893_379_134)]
+    in_utc = datetime(2024, 1, 1, 15, 4, tzinfo=UTC).timestamp()
+    assert stored_uploads(app) == [(1, in_utc, 187_893_379_134)]
 
 
 def test_stats_are_an_empty_204_until_the_device_sends_something(client):
@@ -502,7 +518,7 @@ def test_a_wrong_method_is_405_with_allow(client, path, method, allow):
 
 @pytest.mark.parametrize(
     "path",
-    ["/api/v1/devices", "/api/v1/devices/60-6b-44-84-dc-64", "/api/v1/devices/60-6b/44-84-dc-64/stats",
+    ["/api/v1/device", "/api/v1/devices/60-6b-44-84-dc-64/uptime", "/api/v1/devices/60-6b/44-84-dc-64/stats",
      "/api/v1//devices/60-6b-44-84-dc-64/stats", "/api/v2/x", "/favicon.ico"],
 )
 def test_an_unknown_path_is_404_json(client, path):
@@ -577,14 +593,14 @@ def test_an_unexpected_error_is_500_json_with_the_details_in_the_log_only(app, c
     app.config["PROPAGATE_EXCEPTIONS"] = False  # answer as in production, not raise into the test
     with closing(sqlite3.connect(app.config["DATABASE"])) as db:
         db.execute("DROP TABLE uploads")
-    before = stored(app, ("heartbeat_minutes", "device_stats"))
+    before = stored(app, ("devices", "online_hours"))
     response = client.post(stats_url(), json={"sent_at": SENT_AT, "upload_time": 5})
     assert response.status_code == 500
     assert response.get_json() == {
         "msg": "The server encountered an internal error and was unable to complete your request. "
                "Either the server is overloaded or there is an error in the application."
     }
-    assert stored(app, ("heartbeat_minutes", "device_stats")) == before
+    assert stored(app, ("devices", "online_hours")) == before
     assert "no such table: uploads" in caplog.text
 
 
@@ -600,15 +616,12 @@ def test_a_restart_on_the_same_database_gives_the_same_stats(app, client):
 
 def test_the_aggregates_match_the_raw_rows(app, client):
     send_day(client, simulated_day(DEVICE)[:300])
+    minutes, uploads = stored_minutes(app), stored_uploads(app)
+    raw = (len(minutes), min(minutes), max(minutes), len(uploads), sum(upload[2] for upload in uploads))
     with closing(sqlite3.connect(app.config["DATABASE"])) as db:
-        raw = db.execute(
-            "SELECT count(*), min(minute), max(minute) FROM heartbeat_minutes WHERE device_id = ?", (DEVICE,)
-        ).fetchone() + db.execute(
-            "SELECT count(*), sum(upload_time_ns) FROM uploads WHERE device_id = ?", (DEVICE,)
-        ).fetchone()
         aggregates = db.execute(
             "SELECT online_minutes, first_minute, last_minute, upload_count, upload_total_ns"
-            " FROM device_stats WHERE device_id = ?", (DEVICE,)
+            " FROM devices WHERE device_id = ?", (DEVICE,)
         ).fetchone()
     assert aggregates == raw
 
@@ -657,6 +670,7 @@ def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
         url = f"http://127.0.0.1:{port}"
         assert printed == [
             f"fleetmon: 5 devices from {DEVICES_CSV}, database {database}\n",
+            "fleetmon: a device is down after 5m unheard\n",
             f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)\n",
         ]
 
@@ -683,7 +697,7 @@ def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
 
     assert len(acknowledged) >= 300
     with open_app(database) as restarted:
-        minutes = {minute for (_, minute) in stored(restarted)["heartbeat_minutes"]}
+        minutes = set(stored_minutes(restarted))
         assert minutes.issuperset(acknowledged)
         debug = restarted.test_client().get(f"/debug/stats/{DEVICE}").get_json()
         assert debug["online_minutes"] == len(minutes)  # the aggregates committed with the rows
@@ -692,13 +706,11 @@ def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
 # --- The document, the docs page, the root and the debug views -------------------------
 
 
-def test_openapi_json_is_the_shipped_file_naming_the_server_that_answered(client):
-    response = client.get("/openapi.json", base_url="http://127.0.0.1:7000")
+def test_openapi_json_is_the_shipped_file_whatever_the_host_header_says(client):
+    response = client.get("/openapi.json", headers={"Host": "attacker.example"})
     assert (response.status_code, response.content_type) == (200, "application/json")
-    document = response.get_json()
-    assert document["servers"] == [{"url": "http://127.0.0.1:7000", "description": "this fleetmon"}]
-    shipped = json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
-    assert {**document, "servers": shipped["servers"]} == shipped
+    assert response.get_json() == json.loads((HERE / "openapi.json").read_text(encoding="utf-8"))
+    assert response.get_json()["servers"] == [{"url": "/", "description": "the fleetmon that serves this document"}]
 
 
 def test_every_route_is_documented_and_every_documented_path_is_routed(app):
@@ -740,6 +752,8 @@ def test_the_root_says_what_this_is(client):
         "devices": 5,
         "links": {
             "fleet_page": "/",
+            "devices": "/api/v1/devices",
+            "metrics": "/metrics",
             "docs": "/docs/",
             "openapi": "/openapi.json",
             "example_stats": "/api/v1/devices/18-b8-87-e7-1f-06/stats",
@@ -753,26 +767,39 @@ def test_debug_devices_lists_what_each_device_sent(client):
          upload(1, device_id=OTHER_DEVICE))
     response = client.get("/debug/devices")
     assert (response.status_code, response.content_type) == (200, "application/json")
+    kept = {"history_kept_from": None}
     assert response.get_json() == {"devices": [
-        {"device_id": "18-b8-87-e7-1f-06", "has_sent": False, "online_minutes": 0, "upload_count": 0},
-        {"device_id": "26-9a-66-01-33-83", "has_sent": False, "online_minutes": 0, "upload_count": 0},
-        {"device_id": "38-4e-73-e0-33-59", "has_sent": False, "online_minutes": 0, "upload_count": 0},
-        {"device_id": "60-6b-44-84-dc-64", "has_sent": True, "online_minutes": 1, "upload_count": 0},
-        {"device_id": "b4-45-52-a2-f1-3c", "has_sent": True, "online_minutes": 0, "upload_count": 1},
+        {"device_id": "18-b8-87-e7-1f-06", "has_sent": False, "online_minutes": 0, "upload_count": 0, **kept},
+        {"device_id": "26-9a-66-01-33-83", "has_sent": False, "online_minutes": 0, "upload_count": 0, **kept},
+        {"device_id": "38-4e-73-e0-33-59", "has_sent": False, "online_minutes": 0, "upload_count": 0, **kept},
+        {"device_id": "60-6b-44-84-dc-64", "has_sent": True, "online_minutes": 1, "upload_count": 0, **kept},
+        {"device_id": "b4-45-52-a2-f1-3c", "has_sent": True, "online_minutes": 0, "upload_count": 1, **kept},
     ], "next": None}
 
 
-def test_a_device_dropped_from_the_devices_file_is_no_longer_listed(app, tmp_path):
-    (tmp_path / "fewer.csv").write_text(f"device_id\n{DEVICE}\n")
+def listed(app):
+    client = app.test_client()
+    return {
+        view: [device["device_id"] for device in client.get(view).get_json()["devices"]]
+        for view in ("/debug/devices", "/api/v1/devices")
+    } | {"/": listed_ids(client.get("/", headers=HTML).get_data(as_text=True))}
+
+
+def test_two_fleetmons_on_one_database_each_list_their_own_devices(app, tmp_path):
+    (tmp_path / "fewer.csv").write_text(f"device_id\n{DEVICE}\ncam-1\n")
+    everything = sorted(PUBLISHED_DAYS)
     with open_app(app.config["DATABASE"], tmp_path / "fewer.csv") as fewer:
-        devices = fewer.test_client().get("/debug/devices").get_json()["devices"]
-    assert [device["device_id"] for device in devices] == [DEVICE]
+        assert listed(fewer) == {"/debug/devices": [DEVICE, "cam-1"], "/api/v1/devices": [DEVICE, "cam-1"],
+                                 "/": [DEVICE, "cam-1"]}
+        assert sorted(listed(app)["/"]) == listed(app)["/api/v1/devices"] == everything
+    assert listed(app)["/debug/devices"] == everything  # after the other stopped too
 
 
 def test_debug_stats_show_the_telemetry_behind_the_stats(client):
     assert client.get(f"/debug/stats/{DEVICE}").get_json() == {
         "device_id": DEVICE, "online_minutes": 0, "first_online_minute": None, "last_online_minute": None,
-        "upload_count": 0, "upload_total_ns": 0, "stats": None,
+        "upload_count": 0, "upload_total_ns": 0, "history_kept_from": None, "stored_hours": 0,
+        "stored_uploads": 0, "stats": None,
     }
     send_day(client, simulated_day(DEVICE))
     response = client.get(f"/debug/stats/{DEVICE}")
@@ -784,6 +811,9 @@ def test_debug_stats_show_the_telemetry_behind_the_stats(client):
         "last_online_minute": "2024-01-01T18:00:00Z",
         "upload_count": 100,
         "upload_total_ns": 18_789_337_913_499,
+        "history_kept_from": None,
+        "stored_hours": 9,
+        "stored_uploads": 100,
         "stats": {"uptime": 479 / 480 * 100, "avg_upload_time": "3m7.893379134s"},
     }
     assert response.get_json()["stats"] == client.get(stats_url()).get_json()
@@ -869,7 +899,7 @@ def test_any_sent_at(app, client, sent_at):
     assert response.status_code in (204, 400)
     assert_answered_safely(app, response, before)
     if response.status_code == 204:
-        assert (DEVICE, minute_by_strptime(sent_at)) in stored(app)["heartbeat_minutes"]
+        assert minute_by_strptime(sent_at) in stored_minutes(app)
 
 
 # --- A real server: connections, limits and malformed HTTP -------------------------------
@@ -916,7 +946,7 @@ def test_pipelined_heartbeats_are_all_answered_on_one_connection(app):
             answers += chunk
     assert answers.count(b"HTTP/1.1 204") == 50
     assert b"Connection: close" not in answers
-    assert len(stored(app)["heartbeat_minutes"]) == 50
+    assert len(stored_minutes(app)) == 50
 
 
 def test_connection_close_from_the_client_is_honoured(app):
@@ -1017,14 +1047,15 @@ def start_with(capsys, *args):
 @pytest.mark.parametrize(
     ("make_db", "error"),
     [
-        (lambda tmp: tmp / "missing" / "fleetmon.db", "unable to open database file"),
+        (lambda tmp: tmp / "missing" / "fleetmon.db", "there is no folder {tmp}/missing"),
         (lambda tmp: tmp, "unable to open database file"),
         (lambda tmp: write(tmp / "notes.txt", b"not a database, just text " * 100), "file is not a database"),
     ],
 )
 def test_an_unusable_database_stops_the_start_with_one_line(tmp_path, capsys, make_db, error):
     database = make_db(tmp_path)
-    assert start_with(capsys, "--db", database) == (1, f"fleetmon: cannot use database {database}: {error}\n")
+    message = error.format(tmp=tmp_path)
+    assert start_with(capsys, "--db", database) == (1, f"fleetmon: cannot use database {database}: {message}\n")
 
 
 def test_a_port_in_use_stops_the_start_with_one_line(tmp_path, capsys):
@@ -1053,7 +1084,9 @@ def test_one_device_is_one_device_in_the_start_line(tmp_path):
 
 
 def read_only(database):
-    return sqlite3.connect(f"file:{database}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    return db
 
 
 def on_a_full_disk(database):
@@ -1074,7 +1107,7 @@ def test_after_a_write_fails_the_next_request_starts_afresh(app, client, monkeyp
         assert minute < 1_000, "the broken connection never failed"
     monkeypatch.setattr(fleetmon, "connect", real_connect)
     send(client, heartbeat(minute_of_day(minute)))
-    assert len(stored(app)["heartbeat_minutes"]) == minute + 1
+    assert len(stored_minutes(app)) == minute + 1
 
 
 # --- The debug views, a page at a time ------------------------------------------------------
@@ -1103,9 +1136,9 @@ def test_debug_devices_limit_is_1_to_1000(client, query):
 
 
 def test_activity_is_one_line_per_interval_and_nothing_while_idle(app, client):
-    activity = fleetmon.Activity()
+    activity = fleetmon.Activity(monotonic_now=100)
     app.after_request(activity.count)
-    assert activity.take_line(10) is None
+    assert activity.take_line(110) is None
     for minute in range(3):
         send(client, heartbeat(minute_of_day(minute)))
     send(client, upload(5))
@@ -1114,10 +1147,10 @@ def test_activity_is_one_line_per_interval_and_nothing_while_idle(app, client):
     client.post(heartbeat_url(), data=b"{")
     client.post(heartbeat_url(), data=b"[]")
     client.get(stats_url("unknown"))
-    assert activity.take_line(10) == (
+    assert activity.take_line(120) == (
         "fleetmon: last 10 s: 3 heartbeats, 1 uploads, 1 stats reads, 3 rejected (400 x2, 404 x1)"
     )
-    assert activity.take_line(10) is None
+    assert activity.take_line(123.5) is None
 
 
 # --- simulate ----------------------------------------------------------------------------------
@@ -1210,7 +1243,12 @@ def fleet_page(client, query=""):
 
 def listed_ids(page):
     """The device ids of the page's rows, in order."""
-    return [html.unescape(device_id) for device_id in re.findall(r'<th scope="row"><a href="[^"]*" title="([^"]*)"', page)]
+    return [html.unescape(device_id) for device_id in re.findall(r'<th scope="row"><a href="[^"]*"><code>([^<]*)</code>', page)]
+
+
+def summary(page):
+    """The fleet page's summary, as {term: value}."""
+    return dict(re.findall(r"<dt>([^<]*)</dt><dd>([^<]*)</dd>", page))
 
 
 def test_the_fleet_page_lists_the_worst_uptime_first_and_silent_devices_last(client):
@@ -1218,40 +1256,40 @@ def test_the_fleet_page_lists_the_worst_uptime_first_and_silent_devices_last(cli
     for device_id, minutes in ((best, range(11)), (middle, [0, 5, 10]), (worst, [0, 10])):
         for minute in minutes:
             send(client, heartbeat(minute_of_day(minute), device_id))
-    send(client, upload(1_500, device_id=best))
+    send(client, upload(201_858_747_766, device_id=best))
     page = fleet_page(client)
     assert listed_ids(page) == [worst, middle, best, "38-4e-73-e0-33-59", "60-6b-44-84-dc-64"]
-    assert page.count('<span class="badge">silent</span>') == 2
-    assert "<dt>Reporting</dt><dd>3</dd>" in page
-    assert "<dt>Silent</dt><dd>2</dd>" in page
-    assert "<dt>Median uptime</dt><dd>30.000%</dd>" in page  # of 20 %, 30 % and 100 %
-    assert "<dt>Mean upload time</dt><dd>1.5µs</dd>" in page
-    assert '<time datetime="2024-01-01T10:10:00Z">2024-01-01 10:10</time>' in page  # the newest heartbeat
+    assert summary(page) == {"Devices": "5", "Down": "0", "Up": "3", "Never heard": "2"}
+    assert page.count('<span class="pill never">never heard</span> <span class="since">never heard</span>') == 2
+    assert '<span title="3m21.858747766s (exact, over 1 uploads)">3 min 22 s</span>' in page
+    assert '<span class="pct">20.000 %</span>' in page
 
 
-def test_the_online_strip_shows_each_gap_with_its_time_range(client):
+def test_the_online_strip_counts_minutes_as_uptime_does_and_shows_each_gap(client):
     for minute in (0, 1, 2, 5, 6, 10):
         send(client, heartbeat(minute_of_day(minute)))
     page = fleet_page(client)
-    assert 'aria-label="6 of 11 minutes online, 2 gaps"' in page
+    assert 'aria-label="6 of 10 minutes online, 2 gaps"' in page  # 60 %, as its uptime
     assert re.findall(r'class="off" style="flex-grow: (\d+)" title="([^"]*)"', page) == [
         ("2", "missed 2024-01-01 10:03–10:04 UTC (2 min)"),
         ("3", "missed 2024-01-01 10:07–10:09 UTC (3 min)"),
     ]
+    for minute in range(11):
+        send(client, heartbeat(minute_of_day(minute)))
+    assert 'aria-label="10 of 10 minutes online, 0 gaps"' in fleet_page(client)  # not "11 of 10"
 
 
 def test_the_online_strip_covers_the_last_24_hours_at_most(client):
     for minute in (0, 1, 3_000, 3_001):
         send(client, heartbeat(minute_of_day(minute)))
-    page = fleet_page(client)
-    assert 'aria-label="2 of 1440 minutes online, 1 gap"' in page
+    assert 'aria-label="2 of 1439 minutes online, 1 gap"' in fleet_page(client)
 
 
 def test_the_fleet_page_of_a_fleet_that_sent_nothing(client):
     page = fleet_page(client)
-    assert page.count('<span class="badge">silent</span>') == 5
-    assert "<dt>Reporting</dt><dd>0</dd>" in page
-    assert "<dt>Median uptime</dt><dd>—</dd>" in page
+    assert summary(page) == {"Devices": "5", "Down": "0", "Up": "0", "Never heard": "5"}
+    assert page.count("no heartbeats yet") == 5
+    assert 'rel="icon" href="data:image/svg+xml,' in page  # so that no /favicon.ico is asked for
 
 
 def test_device_ids_are_escaped_everywhere_on_the_fleet_page(tmp_path):
@@ -1263,7 +1301,10 @@ def test_device_ids_are_escaped_everywhere_on_the_fleet_page(tmp_path):
             send(client, heartbeat("2024-01-01T10:00:00Z", urllib.parse.quote(device_id, safe="")))
         page = fleet_page(client)
         assert listed_ids(fleet_page(client, "?q=onerror")) == hostile[:1]
-    assert "<img" not in page and "<b>" not in page and 'onmouseover="' not in page
+        device_pages = [client.get(f"/devices/{urllib.parse.quote(d, safe='')}", headers=HTML).get_data(as_text=True)
+                        for d in hostile]
+    for html_page in (page, *device_pages):
+        assert "<img" not in html_page and "<b>" not in html_page and 'onmouseover="' not in html_page
     assert sorted(listed_ids(page)) == sorted(hostile)
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
 
@@ -1272,27 +1313,58 @@ def test_the_fleet_page_comes_100_rows_a_page_and_filters_by_id(tmp_path):
     devices = write(tmp_path / "devices.csv", "\n".join(["device_id", *(f"cam-{n:03d}" for n in range(250))]).encode())
     with open_app(tmp_path / "fleet.db", devices) as app:
         client = app.test_client()
+        send(client, heartbeat("2024-01-01T10:00:00Z", "cam-021"))
         pages = [fleet_page(client, f"?page={number}") for number in (1, 2, 3)]
         assert [len(listed_ids(page)) for page in pages] == [100, 100, 50]
+        assert listed_ids(pages[0])[0] == "cam-021"  # the one that sent something
         assert listed_ids(pages[2])[-1] == "cam-249"
         assert '<a href="/?page=2" rel="next">' in pages[0] and "Page 1 of 3" in pages[0]
         assert '<a href="/?page=2" rel="prev">' in pages[2]
         filtered = fleet_page(client, "?q=CAM-02")
-        assert listed_ids(filtered) == [f"cam-{n:03d}" for n in range(20, 30)]
+        assert listed_ids(filtered) == ["cam-021"] + [f"cam-{n:03d}" for n in range(20, 30) if n != 21]
         assert "10 devices match" in filtered
+        assert summary(filtered) == {"Matching devices": "10", "Down": "0", "Up": "1", "Never heard": "9"}
         assert listed_ids(fleet_page(client, "?q=nothing-like-it")) == []
         assert listed_ids(fleet_page(client, "?page=9")) == listed_ids(pages[2])  # past the end: the last
         assert client.get("/?page=0", headers=HTML).status_code == 400
 
 
+def test_a_filter_matching_many_devices_walks_the_index_in_the_same_order(tmp_path, monkeypatch):
+    devices = write(tmp_path / "devices.csv", "\n".join(["device_id", *(f"cam-{n:03d}" for n in range(30))]).encode())
+    with open_app(tmp_path / "fleet.db", devices) as app:
+        client = app.test_client()
+        for n in range(0, 30, 3):
+            send(client, *(heartbeat(minute_of_day(minute), f"cam-{n:03d}") for minute in range(0, n + 2, 2)))
+        sorted_matches = listed_ids(fleet_page(client, "?q=cam"))
+        monkeypatch.setattr(fleetmon, "FILTER_SORTS_UP_TO", 0)
+        assert listed_ids(fleet_page(client, "?q=cam")) == sorted_matches
+        assert sorted_matches == listed_ids(fleet_page(client))
+
+
+@pytest.fixture(scope="module")
+def uptime_column():
+    """A database with schema.sql's devices table and one row, to read its uptime column."""
+    with closing(sqlite3.connect(":memory:")) as db:
+        db.executescript((HERE / "schema.sql").read_text(encoding="utf-8"))
+        db.execute("INSERT INTO devices (device_id) VALUES ('d')")
+        yield db
+
+
 @given(online=st.integers(0, 10**6), first=st.integers(-10**9, 10**9), span=st.integers(0, 10**6))
-def test_uptime_sql_is_uptime_percent_to_the_last_bit(online, first, span):
-    """The fleet page orders and summarises by fleetmon.UPTIME_SQL, uptime_percent's twin."""
+def test_the_uptime_column_is_uptime_percent_to_the_last_bit(uptime_column, online, first, span):
+    """The fleet page is ordered by schema.sql's uptime column, uptime_percent's twin."""
     last = first + span if online else None
     first = first if online else None
-    with closing(sqlite3.connect(":memory:")) as db:
-        in_sql = db.execute(
-            f"SELECT {fleetmon.UPTIME_SQL} FROM (SELECT ? AS online_minutes, ? AS first_minute, ? AS last_minute)",
-            (online, first, last),
-        ).fetchone()[0]
-    assert in_sql == uptime_percent(online, first, last)
+    uptime_column.execute("UPDATE devices SET online_minutes = ?, first_minute = ?, last_minute = ?",
+                          (online, first, last))
+    assert uptime_column.execute("SELECT uptime FROM devices").fetchone()[0] == uptime_percent(online, first, last)
+
+
+def test_a_page_of_the_fleet_is_a_walk_along_an_index(app):
+    with closing(fleetmon.connect(app.config["DATABASE"])) as db:
+        db.execute("CREATE TEMP TABLE listed (device_key INTEGER PRIMARY KEY)")
+        plan = " | ".join(row[3] for row in db.execute(
+            f"EXPLAIN QUERY PLAN SELECT * FROM devices INDEXED BY devices_by_concern WHERE device_key IN temp.listed"
+            f" ORDER BY {fleetmon.BY_CONCERN} LIMIT 100"))
+    assert "USING INDEX devices_by_concern" in plan
+    assert "TEMP B-TREE" not in plan  # no sort of the whole fleet
