@@ -5,6 +5,7 @@ Run with ``python -m pytest``.
 """
 
 import html
+import http.server
 import json
 import os
 import queue
@@ -15,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import typing
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
@@ -22,14 +24,16 @@ from datetime import UTC, datetime, timedelta
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
+import prometheus_client
 import pytest
 import waitress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+from simulator import PUBLISHED_DAYS, simulated_day
 from waitress import wasyncore
 
 import fleetmon
-from simulator import PUBLISHED_DAYS, simulated_day
 from fleetmon import (
     INT64_MAX,
     StartupError,
@@ -184,26 +188,34 @@ def read_lines(stream, lines):
 
 
 @contextmanager
-def server_process(*args, start_timeout=60):
+def server_process(*args, timeout=60):
     """`python fleetmon.py *args`, until it prints where it listens.
 
-    Yields the process, its port and what it printed; kills it after. A pipe's
-    readline() cannot time out on every system (Windows has no select() on pipes), so a
-    thread reads the lines into a queue, which can, and keeps reading while it runs.
+    Yields the process, its port, what it printed, and wait_for(text), which reads on
+    to the next line with text in it; kills it after. A pipe's readline() cannot time out on every system (Windows has no
+    select() on pipes), so a thread reads the lines into a queue, which can, and keeps
+    reading while it runs.
     """
     process = subprocess.Popen([sys.executable, str(HERE / "fleetmon.py"), *args], stdout=subprocess.PIPE, text=True)
     lines = queue.Queue()
     reader = threading.Thread(target=read_lines, args=(process.stdout, lines), name="server output")
     reader.start()
-    try:
-        printed = []
-        while not printed or "listening on" not in printed[-1]:
+    printed = []
+
+    def wait_for(text):
+        """The next line that contains text, waiting for it at most timeout seconds."""
+        while True:
             try:
-                printed.append(lines.get(timeout=start_timeout))
+                printed.append(lines.get(timeout=timeout))
             except queue.Empty:
-                pytest.fail(f"no start line within {start_timeout} s: {printed}")
-            assert printed[-1] is not None, f"the server stopped before listening: {printed}"
-        yield process, int(re.search(r"http://127\.0\.0\.1:(\d+)/", printed[-1]).group(1)), printed
+                pytest.fail(f"no line with {text!r} within {timeout} s: {printed}")
+            assert printed[-1] is not None, f"the server stopped before it printed {text!r}: {printed}"
+            if text in printed[-1]:
+                return printed[-1]
+
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", wait_for("listening on")).group(1))
+        yield process, port, printed, wait_for
     finally:
         process.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no clean shutdown
         process.wait()
@@ -666,7 +678,7 @@ def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
     acknowledged = []
     enough = threading.Event()
 
-    with server_process("--port", "0", "--db", str(database)) as (process, port, printed):
+    with server_process("--port", "0", "--db", str(database)) as (process, port, printed, _):
         url = f"http://127.0.0.1:{port}"
         assert printed == [
             f"fleetmon: 5 devices from {DEVICES_CSV}, database {database}\n",
@@ -1076,7 +1088,7 @@ def test_a_port_outside_0_to_65535_is_refused(tmp_path, capsys, port):
 
 def test_one_device_is_one_device_in_the_start_line(tmp_path):
     devices = write(tmp_path / "devices.csv", f"device_id\n{DEVICE}\n".encode())
-    with server_process("--port", "0", "--devices", str(devices), "--db", str(tmp_path / "x.db")) as (_, _, printed):
+    with server_process("--port", "0", "--devices", str(devices), "--db", str(tmp_path / "x.db")) as (_, _, printed, _):
         assert printed[0] == f"fleetmon: 1 device from {devices}, database {tmp_path / 'x.db'}\n"
 
 
@@ -1089,8 +1101,8 @@ def read_only(database):
     return db
 
 
-def on_a_full_disk(database):
-    db = fleetmon.connect(database)
+def on_a_full_disk(database, connect=fleetmon.connect):  # the real one, not a test's stand-in
+    db = connect(database)
     db.execute("PRAGMA max_page_count = 1")  # no more pages than it has: a write that needs one fails
     return db
 
@@ -1101,13 +1113,20 @@ def test_after_a_write_fails_the_next_request_starts_afresh(app, client, monkeyp
     app.config["PROPAGATE_EXCEPTIONS"] = False  # answer 500 as in production
     real_connect = fleetmon.connect
     monkeypatch.setattr(fleetmon, "connect", broken_connect)
-    minute = 0
-    while client.post(heartbeat_url(), json={"sent_at": minute_of_day(minute)}).status_code == 204:
-        minute += 1
-        assert minute < 1_000, "the broken connection never failed"
+    hours = fill_until_a_write_fails(client)
     monkeypatch.setattr(fleetmon, "connect", real_connect)
-    send(client, heartbeat(minute_of_day(minute)))
-    assert len(stored_minutes(app)) == minute + 1
+    send(client, heartbeat(minute_of_day(60 * hours)))
+    assert len(stored_minutes(app)) == hours + 1
+
+
+def fill_until_a_write_fails(client):
+    """Heartbeats, each in an hour of its own (a row of its own), until one is a 500;
+    returns how many were stored."""
+    hours = 0
+    while client.post(heartbeat_url(), json={"sent_at": minute_of_day(60 * hours)}).status_code == 204:
+        hours += 1
+        assert hours < 1_000, "the broken connection never failed"
+    return hours
 
 
 # --- The debug views, a page at a time ------------------------------------------------------
@@ -1368,3 +1387,523 @@ def test_a_page_of_the_fleet_is_a_walk_along_an_index(app):
             f" ORDER BY {fleetmon.BY_CONCERN} LIMIT 100"))
     assert "USING INDEX devices_by_concern" in plan
     assert "TEMP B-TREE" not in plan  # no sort of the whole fleet
+
+
+# --- Upgrading a database written by an earlier fleetmon ----------------------------------
+
+# The layout of every fleetmon before schema versions (user_version 0): a row per online
+# minute and per upload, each with the text id, the aggregates kept by triggers.
+FIRST_LAYOUT = """
+PRAGMA journal_mode = WAL;
+CREATE TABLE heartbeat_minutes (device_id TEXT NOT NULL, minute INTEGER NOT NULL,
+                                PRIMARY KEY (device_id, minute)) WITHOUT ROWID;
+CREATE TABLE uploads (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, sent_at TEXT NOT NULL,
+                      upload_time_ns INTEGER NOT NULL CHECK (upload_time_ns >= 0));
+CREATE TABLE listed_devices (device_id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE device_stats (device_id TEXT PRIMARY KEY, online_minutes INTEGER NOT NULL DEFAULT 0,
+                           first_minute INTEGER, last_minute INTEGER, upload_count INTEGER NOT NULL DEFAULT 0,
+                           upload_total_ns INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE TRIGGER count_online_minute AFTER INSERT ON heartbeat_minutes BEGIN
+    UPDATE device_stats SET online_minutes = online_minutes + 1,
+        first_minute = min(coalesce(first_minute, NEW.minute), NEW.minute),
+        last_minute = max(coalesce(last_minute, NEW.minute), NEW.minute)
+    WHERE device_id = NEW.device_id;
+END;
+CREATE TRIGGER add_upload AFTER INSERT ON uploads BEGIN
+    UPDATE device_stats SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + NEW.upload_time_ns
+    WHERE device_id = NEW.device_id;
+END;
+"""
+
+
+def first_layout_database(path, days):
+    """A database as the first layout's fleetmon left it, holding days {device: telemetry}."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.executescript(FIRST_LAYOUT)
+        db.executemany("INSERT INTO device_stats (device_id) VALUES (?)", ((d,) for d in PUBLISHED_DAYS))
+        db.executemany("INSERT INTO listed_devices (device_id) VALUES (?)", ((d,) for d in PUBLISHED_DAYS))
+        for device_id, telemetry in days.items():
+            for event in telemetry:
+                if event.path.endswith("/heartbeat"):
+                    db.execute("INSERT OR IGNORE INTO heartbeat_minutes VALUES (?, ?)",
+                               (device_id, utc_minute(event.body["sent_at"])))
+                else:
+                    db.execute("INSERT INTO uploads (device_id, sent_at, upload_time_ns) VALUES (?, ?, ?)",
+                               (device_id, event.body["sent_at"], event.body["upload_time"]))
+        stats = {
+            device_id: fleetmon.device_stats(fleetmon.Aggregates(*row))
+            for device_id, *row in db.execute("SELECT * FROM device_stats")
+        }
+    return stats
+
+
+def everything_in(path):
+    """The whole database, schema and rows, to show it was left as it was."""
+    with closing(sqlite3.connect(path)) as db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")]
+        return (db.execute("PRAGMA user_version").fetchone(), db.execute("SELECT * FROM sqlite_schema").fetchall(),
+                {table: db.execute(f"SELECT * FROM {table}").fetchall() for table in tables})
+
+
+class Event(typing.NamedTuple):
+    path: str
+    body: dict
+
+
+ODD_DAYS = {
+    # uploads only, sent with offsets; heartbeats only, one before 1970; one minute alone
+    "60-6b-44-84-dc-64": [Event("/stats", {"sent_at": "2024-01-01T12:04:59.999999999+02:00", "upload_time": 7}),
+                          Event("/stats", {"sent_at": "2024-01-01T05:04:00-05:00", "upload_time": INT64_MAX - 7})],
+    "b4-45-52-a2-f1-3c": [Event("/heartbeat", {"sent_at": "1969-12-31T23:59:00Z"}),
+                          Event("/heartbeat", {"sent_at": "1970-01-01T00:00:00Z"}),
+                          Event("/heartbeat", {"sent_at": "1970-01-01T01:30:00Z"})],
+    "26-9a-66-01-33-83": [Event("/heartbeat", {"sent_at": "2024-01-01T10:04:00Z"})],
+}
+
+
+@pytest.mark.parametrize("days", [{d: simulated_day(d) for d in PUBLISHED_DAYS}, ODD_DAYS], ids=["the simulator's day", "odd cases"])
+def test_a_first_layout_database_is_upgraded_with_identical_stats(tmp_path, days):
+    database = tmp_path / "old.db"
+    before = first_layout_database(database, days)
+    with open_app(database) as app:
+        client = app.test_client()
+        after = {device_id: client.get(stats_url(device_id)).get_json() for device_id in PUBLISHED_DAYS}
+        assert re.fullmatch(rf"upgraded database {re.escape(str(database))} from schema version 0 to 1: "
+                            r"[\d,]+ rows in \d+\.\d s", app.config["UPGRADED"])
+        for device_id, telemetry in days.items():  # the raw telemetry came along too
+            minutes = {utc_minute(e.body["sent_at"]) for e in telemetry if e.path.endswith("/heartbeat")}
+            assert stored_minutes(app, device_id) == sorted(minutes)
+            uploads = [e.body for e in telemetry if e.path.endswith("/stats")]
+            assert stored_uploads(app, device_id) == [
+                (number, int(fleetmon.utc_datetime(body["sent_at"]).timestamp()), body["upload_time"])
+                for number, body in enumerate(uploads, start=1)]
+    assert after == before
+    with open_app(database) as again:  # and the next start has nothing to upgrade
+        assert again.config["UPGRADED"] is None
+
+
+def test_a_failed_upgrade_leaves_the_database_as_it_was(tmp_path):
+    database = tmp_path / "old.db"
+    first_layout_database(database, ODD_DAYS)
+    with closing(sqlite3.connect(database)) as db:
+        db.execute("CREATE TABLE online_hours (x)")  # in the way of the upgrade, half-way through
+    before = everything_in(database)
+    with pytest.raises(StartupError) as refused:
+        create_app(database=database)
+    assert str(refused.value) == (f"cannot upgrade database {database} from schema version 0: "
+                                  "table online_hours already exists; it is left as it was")
+    assert everything_in(database) == before
+
+
+def test_a_database_from_a_newer_fleetmon_is_refused_untouched(tmp_path, capsys):
+    database = tmp_path / "newer.db"
+    with closing(sqlite3.connect(database)) as db:
+        db.execute("CREATE TABLE from_the_future (x)")
+        db.execute("PRAGMA user_version = 2")
+    before = database.read_bytes()
+    refusal = (f"fleetmon: database {database} was written by a newer fleetmon (schema version 2, this one knows "
+               "up to 1); it is left as it was\n")
+    assert start_with(capsys, "--db", database) == (1, refusal)
+    assert database.read_bytes() == before
+
+
+# --- Retention ----------------------------------------------------------------------------------
+
+
+def prune_all(app, keep_days):
+    with closing(fleetmon.connect(app.config["DATABASE"])) as db:
+        pruning = fleetmon.Pruning(keep_days)
+        steps = 0
+        while pruning.step(db):
+            steps += 1
+    return steps
+
+
+def test_pruning_keeps_the_stats_and_refuses_what_it_pruned(tmp_path, monkeypatch):
+    monkeypatch.setattr(fleetmon, "PRUNE_ROWS_PER_STEP", 10)  # many small steps
+    with open_app(tmp_path / "fleetmon.db") as app:
+        client = app.test_client()
+        day = 24 * 60
+        sent = [minute_of_day(minute) for minute in range(0, 4 * day, 7)]
+        send(client, *(heartbeat(sent_at) for sent_at in sent), *(upload(n, sent_at) for n, sent_at in enumerate(sent)))
+        send(client, *(heartbeat(sent_at, OTHER_DEVICE) for sent_at in sent[:50]))
+        stats = {device_id: client.get(stats_url(device_id)).get_json() for device_id in (DEVICE, OTHER_DEVICE)}
+        other_before = (stored_minutes(app, OTHER_DEVICE), stored_uploads(app, OTHER_DEVICE))
+
+        assert prune_all(app, keep_days=1) > 10
+        newest = utc_minute(sent[-1])
+        kept_from = (newest - day) // 60 * 60  # a whole hour
+        assert stored_minutes(app) == [m for m in map(utc_minute, sent) if m >= kept_from]
+        assert [upload[1] // 60 for upload in stored_uploads(app)] == [m for m in map(utc_minute, sent) if m >= kept_from]
+        assert {device_id: client.get(stats_url(device_id)).get_json() for device_id in stats} == stats
+        # The other device's history is its own: its newest minute is days older, and all of it is kept.
+        assert (stored_minutes(app, OTHER_DEVICE), stored_uploads(app, OTHER_DEVICE)) == other_before
+
+        before = stored(app)
+        late = minute_to_rfc3339(kept_from - 1)
+        message = (f"sent_at is before {minute_to_rfc3339(kept_from)}, where this device's kept history begins "
+                   "(older telemetry is pruned); nothing was stored")
+        for path, body in (heartbeat(sent[0]), heartbeat(late), upload(5, late)):
+            response = client.post(path, json=body)
+            assert (response.status_code, response.get_json()) == (409, {"msg": message})
+        assert stored(app) == before
+        send(client, heartbeat(minute_to_rfc3339(kept_from)))  # the first minute kept is taken
+        assert client.get(f"/debug/stats/{DEVICE}").get_json()["history_kept_from"] == minute_to_rfc3339(kept_from)
+        assert prune_all(app, keep_days=1) == 0  # nothing more until its window moves an hour on
+
+
+# --- Who is down: status, outages and alerts --------------------------------------------------------
+
+
+class Clock:
+    """time.monotonic() as a test sets it."""
+
+    def __init__(self, now=1_000.0):
+        self.now = now
+
+
+@contextmanager
+def watching(app, down_after=60, clock=None):
+    """The app's watch on who is down, on a clock the test moves; yields (watch, db, clock, lines)."""
+    clock = clock or Clock()
+    lines = []
+    with closing(fleetmon.connect(app.config["DATABASE"])) as db:
+        watch = fleetmon.Watch(db, down_after, clock.now, announce=lines.append)
+
+        def listener(device):
+            watch.heard(device, clock.now)
+
+        app.extensions["fleetmon.heard"].append(listener)
+        try:
+            yield watch, db, clock, lines
+        finally:
+            app.extensions["fleetmon.heard"].remove(listener)
+
+
+def check_after(watching_tuple, seconds):
+    watch, db, clock, _ = watching_tuple
+    clock.now += seconds
+    return watch.check(db, clock.now, fleetmon.now_ms())
+
+
+def device_json(client, device_id=DEVICE):
+    response = client.get(f"/api/v1/devices/{device_id}")
+    assert response.status_code == 200
+    return response.get_json()
+
+
+def test_a_device_not_heard_for_the_down_after_time_is_down_and_up_again_when_heard(app, client):
+    with watching(app, down_after=60) as watched:
+        assert device_json(client)["status"] == "never"
+        send(client, heartbeat(SENT_AT))
+        heard = device_json(client)
+        assert (heard["status"], heard["down_since"], heard["outages"]) == ("up", None, [])
+        assert check_after(watched, 59.9) == 0
+        assert check_after(watched, 0.1) == 1
+        down = device_json(client)
+        assert (down["status"], down["down_since"]) == ("down", heard["last_heard"])
+        assert down["outages"] == [{"started": heard["last_heard"], "ended": None, "seconds": None}]
+        assert re.fullmatch(rf"fleetmon: {DEVICE} is down \(last heard \d\d:\d\d:\d\d UTC, \d+s ago\)", watched[3][0])
+        assert check_after(watched, 600) == 0  # said once
+
+        send(client, upload(5))  # an upload is heard too
+        up = device_json(client)
+        assert (up["status"], up["down_since"]) == ("up", None)
+        assert up["outages"][0]["started"] == heard["last_heard"] and up["outages"][0]["ended"] == up["last_heard"]
+        assert re.fullmatch(rf"fleetmon: {DEVICE} is up again after \d+s", watched[3][1])
+    with closing(sqlite3.connect(app.config["DATABASE"])) as db:
+        assert [status for (status,) in db.execute("SELECT status FROM alerts ORDER BY id")] == ["down", "up"]
+
+
+def test_after_a_restart_no_device_is_down_before_the_down_after_time(app, client):
+    with watching(app, down_after=60):
+        send(client, heartbeat(SENT_AT))  # heard, then fleetmon stops for a long while
+    with watching(app, down_after=60, clock=Clock(now=50_000.0)) as restarted:
+        assert check_after(restarted, 59) == 0
+        assert device_json(client)["status"] == "up"
+        assert check_after(restarted, 1) == 1
+        assert device_json(client)["status"] == "down"
+
+
+class WallClock:
+    """fleetmon.now_ms() as a test sets it: 2024-01-01T10:04:00Z to start with."""
+
+    def __init__(self, monkeypatch, ms=1_704_103_440_000):
+        self.ms = ms
+        monkeypatch.setattr(fleetmon, "now_ms", lambda: self.ms)
+
+
+def test_a_device_heard_again_before_it_is_declared_down_stays_up(app, client, monkeypatch):
+    wall = WallClock(monkeypatch)
+    with watching(app, down_after=60) as (_, db, _, lines):
+        send(client, heartbeat(SENT_AT))
+        key = db.execute("SELECT device_key FROM devices WHERE device_id = ?", (DEVICE,)).fetchone()[0]
+        first_heard = wall.ms
+        wall.ms += 1_000
+        send(client, heartbeat(SENT_AT))  # heard again just after the watch took its deadline
+        assert fleetmon.mark_down(db, key, first_heard, wall.ms + 60_000) is None
+        assert device_json(client)["status"] == "up" and lines == []
+
+
+@pytest.mark.parametrize(("ms", "text"), [(0, "0s"), (999, "0s"), (45_000, "45s"), (300_000, "5m"),
+                                          (432_000, "7m12s"), (7_500_000, "2h5m"), (90_000_000, "1d1h"),
+                                          (-5, "0s")])
+def test_short_duration(ms, text):
+    assert fleetmon.short_duration(ms) == text
+
+
+@pytest.mark.parametrize(("ns", "text"), [(0, "0 ns"), (999, "999 ns"), (1_500, "2 µs"), (850_000_000, "850 ms"),
+                                          (45_240_000_000, "45.2 s"), (201_858_747_766, "3 min 22 s"),
+                                          (3_900_000_000_000, "1 h 5 min")])
+def test_human_duration(ns, text):
+    assert fleetmon.human_duration(ns) == text
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("1.5h", 5400), ("90", 90), ("0.5", 0.5)])
+def test_down_after_takes_seconds_or_a_unit(text, seconds):
+    assert fleetmon.seconds_argument(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "5x", "-5s", "0", "nan", "inf", "1e999h"])
+def test_down_after_refuses_what_is_no_time(tmp_path, capsys, text):
+    with pytest.raises(SystemExit):
+        fleetmon.main([f"--down-after={text}", "--db", str(tmp_path / "x.db")])
+    assert "is not a time: give seconds, or a number with s, m or h, like 5m" in capsys.readouterr().err
+
+
+def test_online_runs_from_the_bits_of_each_hour():
+    full = fleetmon.FULL_HOUR
+    assert fleetmon.online_runs([(0, 0b110)], 0, 3) == [(False, 0, 0), (True, 1, 2), (False, 3, 3)]
+    assert fleetmon.online_runs([(1, full), (2, full), (4, 1)], 30, 241) == [
+        (False, 30, 59), (True, 60, 179), (False, 180, 239), (True, 240, 240), (False, 241, 241)]
+    assert fleetmon.online_runs([], 5, 9) == [(False, 5, 9)]
+
+
+# --- The fleet's API and device pages -------------------------------------------------------
+
+
+def test_the_devices_list_by_status_a_page_at_a_time(app, client):
+    with watching(app, down_after=60) as watched:
+        send(client, heartbeat(SENT_AT, "18-b8-87-e7-1f-06"), heartbeat(SENT_AT, "26-9a-66-01-33-83"))
+        check_after(watched, 60)
+        send(client, heartbeat(SENT_AT, "26-9a-66-01-33-83"), upload(1_500, device_id=DEVICE))
+
+    def ids(query):
+        response = client.get(f"/api/v1/devices{query}")
+        assert response.status_code == 200
+        return [d["device_id"] for d in response.get_json()["devices"]], response.get_json()["next"]
+
+    assert ids("?status=down") == (["18-b8-87-e7-1f-06"], None)
+    assert ids("?status=up") == (["26-9a-66-01-33-83", DEVICE], None)
+    assert ids("?status=never") == (["38-4e-73-e0-33-59", OTHER_DEVICE], None)
+    first, next_url = ids("?limit=2")
+    assert (first, next_url) == (["18-b8-87-e7-1f-06", "26-9a-66-01-33-83"],
+                                 "/api/v1/devices?after=26-9a-66-01-33-83&limit=2")
+    assert ids(next_url.removeprefix("/api/v1/devices")) == (
+        ["38-4e-73-e0-33-59", DEVICE], f"/api/v1/devices?after={DEVICE}&limit=2")
+    device = client.get("/api/v1/devices?status=up").get_json()["devices"][1]
+    assert device == {"device_id": DEVICE, "status": "up", "last_heard": device["last_heard"], "down_since": None,
+                      "history_kept_from": None, "uptime": 0.0, "avg_upload_time": "1.5µs"}
+    for query in ("?status=late", "?limit=0", "?limit=1001", "?limit=" + "9" * 5000):
+        response = client.get(f"/api/v1/devices{query}")
+        assert response.status_code == 400, query
+
+
+def test_each_device_has_a_page_for_a_browser_and_json_for_an_api_client(app, client, monkeypatch):
+    wall = WallClock(monkeypatch)
+    with watching(app, down_after=60) as watched:
+        send_day(client, simulated_day(DEVICE)[:50])
+        wall.ms += 61_000
+        check_after(watched, 61)
+        wall.ms += 60_000
+        page = client.get(f"/devices/{DEVICE}", headers=HTML)
+        assert (page.status_code, page.content_type, page.headers["Vary"]) == (200, "text/html; charset=utf-8", "Accept")
+        text = page.get_data(as_text=True)
+        assert '<span class="pill down">down</span> <span class="since">down for 2m1s</span>' in text
+        assert "<td>still down</td>" in text and '<td class="num">2m1s so far</td>' in text  # its open outage
+        assert client.get(f"/devices/{DEVICE}").get_json() == device_json(client)
+    assert client.get("/devices/unknown", headers=HTML).status_code == 404
+
+
+# --- Saying so: alert delivery, /metrics ---------------------------------------------------------
+
+
+@contextmanager
+def alert_receiver(status=204):
+    """A webhook receiver on a free loopback port; yields (url, the alerts it took, an
+    event set at each one)."""
+    taken, arrived = [], threading.Event()
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            taken.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(status)
+            self.end_headers()
+            arrived.set()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver) as server:
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_port}/hook", taken, arrived
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+def unused_port():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        return unused.getsockname()[1]
+
+
+def test_alerts_are_delivered_in_order_and_retried_with_backoff_after_a_failure(app, client, monkeypatch):
+    wall = WallClock(monkeypatch)
+    with watching(app, down_after=60) as watched:
+        send(client, heartbeat(SENT_AT))
+        wall.ms += 300_000
+        check_after(watched, 60)
+        wall.ms += 132_000
+        send(client, heartbeat(SENT_AT))
+    assert watched[3] == [f"fleetmon: {DEVICE} is down (last heard 10:04:00 UTC, 5m ago)",
+                          f"fleetmon: {DEVICE} is up again after 7m12s"]
+    lines = []
+    nowhere = f"http://127.0.0.1:{unused_port()}/hook"
+    with closing(fleetmon.connect(app.config["DATABASE"])) as db:
+        delivery = fleetmon.AlertDelivery(nowhere, announce=lines.append)
+        assert delivery.step(db, monotonic_now=10) == 0
+        assert delivery.step(db, monotonic_now=10.5) == 0  # not before its retry is due
+        assert delivery.step(db, monotonic_now=11) == 0
+        assert [re.sub(r"hook: .*;", "hook: (why);", line) for line in lines] == [
+            f"fleetmon: alert 1 ({DEVICE} down) not delivered to {nowhere}: (why); trying again in 1s",
+            f"fleetmon: alert 1 ({DEVICE} down) not delivered to {nowhere}: (why); trying again in 2s",
+        ]
+        with alert_receiver() as (url, taken, _):
+            delivery.url = url
+            assert delivery.step(db, monotonic_now=13) == 2
+            assert delivery.step(db, monotonic_now=14) == 0  # each delivered once
+    assert taken == [
+        {"id": 1, "device_id": DEVICE, "status": "down", "at": "2024-01-01T10:09:00.000Z",
+         "last_heard": "2024-01-01T10:04:00.000Z", "outage_seconds": None,
+         "text": f"fleetmon: {DEVICE} is down (last heard 10:04:00 UTC, 5m ago)"},
+        {"id": 2, "device_id": DEVICE, "status": "up", "at": "2024-01-01T10:11:12.000Z",
+         "last_heard": "2024-01-01T10:04:00.000Z", "outage_seconds": 432.0,
+         "text": f"fleetmon: {DEVICE} is up again after 7m12s"},
+    ]
+
+
+def test_an_alert_not_delivered_before_kill_9_is_delivered_after_the_restart(tmp_path):
+    database = tmp_path / "fleetmon.db"
+    nowhere = f"http://127.0.0.1:{unused_port()}/hook"
+    with server_process("--port", "0", "--db", str(database), "--down-after", "0.2s",
+                        "--alert-url", nowhere) as (_, port, _, wait_for):
+        with closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
+            assert http_request(connection, "POST", heartbeat_url(), {"sent_at": SENT_AT})[0] == 204
+        assert wait_for("is down").startswith(f"fleetmon: {DEVICE} is down (last heard ")
+        assert wait_for("not delivered").startswith(f"fleetmon: alert 1 ({DEVICE} down) not delivered to {nowhere}")
+    with alert_receiver() as (url, taken, arrived), \
+            server_process("--port", "0", "--db", str(database), "--alert-url", url):
+        assert arrived.wait(timeout=60)
+    assert [(alert["id"], alert["device_id"], alert["status"]) for alert in taken] == [(1, DEVICE, "down")]
+
+
+def test_metrics_are_prometheus_text(app, client):
+    with watching(app, down_after=60) as watched:
+        send(client, heartbeat(SENT_AT), heartbeat(SENT_AT, OTHER_DEVICE), upload(5))
+        check_after(watched, 60)
+        send(client, heartbeat(SENT_AT))
+    client.post(heartbeat_url(), data=b"{")
+    response = client.get("/metrics")
+    assert (response.status_code, response.content_type) == (200, prometheus_client.CONTENT_TYPE_LATEST)
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(response.get_data(as_text=True))
+               for sample in family.samples}
+    assert {labels: value for (name, labels), value in samples.items() if name == "fleetmon_devices"} == {
+        (("status", "up"),): 1, (("status", "down"),): 1, (("status", "never"),): 3}
+    assert samples[("fleetmon_alerts_total", (("status", "down"),))] == 2
+    assert samples[("fleetmon_alerts_total", (("status", "up"),))] == 1
+    assert samples[("fleetmon_telemetry_total", (("kind", "heartbeat"),))] == 3
+    assert samples[("fleetmon_telemetry_total", (("kind", "upload"),))] == 1
+    assert samples[("fleetmon_requests_total", (("endpoint", "api.post_heartbeat"), ("status", "400")))] == 1
+    assert samples[("fleetmon_device_up", (("device_id", DEVICE),))] == 1
+    assert samples[("fleetmon_device_up", (("device_id", OTHER_DEVICE),))] == 0
+    assert samples[("fleetmon_device_uptime_percent", (("device_id", DEVICE),))] == 100.0
+
+
+def test_metrics_name_each_device_only_in_a_small_fleet(app, client, monkeypatch):
+    monkeypatch.setattr(fleetmon, "METRICS_PER_DEVICE_UP_TO", 4)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "fleetmon_devices{" in text and "fleetmon_device_up" not in text
+
+
+# --- Hardening: a full disk, every query argument and path -------------------------------------
+
+
+def test_a_failing_database_logs_a_line_per_request_and_its_traceback_once(app, client, monkeypatch, caplog):
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    monkeypatch.setattr(fleetmon, "connect", on_a_full_disk)
+    hours = fill_until_a_write_fails(client)
+    for hour in range(hours + 1, hours + 3):
+        assert client.post(heartbeat_url(), json={"sent_at": minute_of_day(60 * hour)}).status_code == 500
+    failures = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert [record.getMessage() for record in failures] == [
+        f"POST {heartbeat_url()} failed: OperationalError: database or disk is full"] * 3
+    assert [record.exc_info is not None for record in failures] == [True, False, False]
+
+
+def test_the_write_ahead_log_is_cut_back_after_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(fleetmon, "WAL_SIZE_LIMIT_BYTES", 32 * 1024)
+    with open_app(tmp_path / "fleetmon.db") as app:
+        client = app.test_client()
+        send(client, *(heartbeat(minute_of_day(60 * hour)) for hour in range(300)))
+        wal = tmp_path / "fleetmon.db-wal"
+        assert wal.stat().st_size > 32 * 1024
+        with closing(fleetmon.connect(app.config["DATABASE"])) as db:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # what the housekeeping does every few seconds
+        send(client, heartbeat(minute_of_day(0)))  # the log restarts from its beginning, cut back
+        assert wal.stat().st_size <= 32 * 1024
+
+
+query_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=30) | st.from_regex(r"-?\d{1,5000}", fullmatch=True)
+
+
+@given(path=st.sampled_from(["/", "/api/v1/devices", "/debug/devices", f"/devices/{DEVICE}"]),
+       arguments=st.dictionaries(st.sampled_from(["page", "limit", "after", "status", "q"]), query_text, max_size=3),
+       accept=st.sampled_from(["text/html", "application/json"]))
+def test_no_query_argument_reaches_a_500(client, path, arguments, accept):
+    response = client.get(path, query_string=arguments, headers={"Accept": accept})
+    assert response.status_code in (200, 400), (path, arguments, response.status_code)
+    if response.status_code == 400:
+        assert set(response.get_json()) == {"msg"}
+
+
+@given(device_id=st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40),
+       path=st.sampled_from(["/api/v1/devices/{}", "/devices/{}", "/debug/stats/{}", "/api/v1/devices/{}/stats"]))
+def test_no_device_id_in_a_path_reaches_a_500(client, device_id, path):
+    response = client.get(path.format(urllib.parse.quote(device_id, safe="")), headers=HTML)
+    assert response.status_code in (200, 204, 404), (path, device_id)
+
+
+@pytest.mark.parametrize(("host", "shown"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("localhost", "localhost")])
+def test_an_ipv6_address_is_bracketed_in_a_url(host, shown):
+    assert fleetmon.url_host(host) == shown
+
+
+def test_stopping_prints_the_last_activity_and_a_closing_line(app, capsys, monkeypatch):
+    real_create_server = fleetmon.create_server
+
+    def server_stopped_by_ctrl_c(app, host, port):
+        server = real_create_server(app, host, port)
+        def run():  # waitress's run() returns when Ctrl+C stops it; before that, one request
+            app.test_client().post(heartbeat_url(), json={"sent_at": SENT_AT})
+        server.run = run
+        return server
+
+    monkeypatch.setattr(fleetmon, "create_server", server_stopped_by_ctrl_c)
+    fleetmon.serve(app, "127.0.0.1", 0, down_after_seconds=60, alert_url=None)
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"fleetmon: last \d+ s: 1 heartbeats, 0 uploads, 0 stats reads, 0 rejected", out[-2])
+    assert out[-1] == "fleetmon: stopped"

@@ -61,10 +61,11 @@ JOIN devices USING (device_id)
 GROUP BY device_key, (minute - minute_of_hour) / 60;
 
 -- sent_at was stored as the device sent it, RFC 3339, which SQLite's strftime reads,
--- offsets and fractions included.
+-- offset included. The fraction of a second goes first: strftime would round it.
 INSERT INTO uploads (device_key, number, sent_at, upload_time_ns)
 SELECT device_key, row_number() OVER (PARTITION BY device_key ORDER BY id),
-       CAST(strftime('%s', sent_at) AS INTEGER), upload_time_ns
+       CAST(strftime('%s', substr(sent_at, 1, 19) || ltrim(substr(sent_at, 20), '.0123456789')) AS INTEGER),
+       upload_time_ns
 FROM old_uploads JOIN devices USING (device_id);
 
 UPDATE devices SET newest_minute = (
