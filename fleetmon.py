@@ -413,23 +413,25 @@ class Heard(NamedTuple):
 def begin_write(db: sqlite3.Connection, device_id: str, minute: int) -> sqlite3.Row:
     """The device's row, read inside the write's transaction; refuses telemetry from
     before its kept history, which may already be pruned and so would count twice."""
-    device = db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+    device = db.execute("SELECT device_key, device_id, kept_from, down_since_ms, upload_count, upload_total_ns"
+                        " FROM devices WHERE device_id = ?", (device_id,)).fetchone()
     if device["kept_from"] is not None and minute < device["kept_from"]:
         raise Conflict(f"sent_at is before {minute_to_rfc3339(device['kept_from'])}, where this device's kept "
                        "history begins (older telemetry is pruned); nothing was stored")
     return device
 
 
-def end_write(db: sqlite3.Connection, device: sqlite3.Row, minute: int, heard_at_ms: int) -> Heard:
-    """Note the newest minute and that fleetmon heard the device; a device that was
-    down is up again: its outage ends and the change is queued as an alert."""
-    db.execute(
-        "UPDATE devices SET newest_minute = max(coalesce(newest_minute, :minute), :minute),"
-        " last_heard_ms = :heard, down_since_ms = NULL WHERE device_key = :key",
-        {"minute": minute, "heard": heard_at_ms, "key": device["device_key"]},
-    )
+# What every write sets besides its own aggregates: the newest minute, from which
+# retention counts back, and when fleetmon heard the device.
+HEARD = "newest_minute = max(coalesce(newest_minute, :minute), :minute), last_heard_ms = :heard"
+
+
+def end_write(db: sqlite3.Connection, device: sqlite3.Row, heard_at_ms: int) -> Heard:
+    """A device that was down is up again: its outage ends and the change is queued as
+    an alert. (Only then is down_since_ms written: the fleet page's index holds it.)"""
     down_since = device["down_since_ms"]
     if down_since is not None:
+        db.execute("UPDATE devices SET down_since_ms = NULL WHERE device_key = ?", (device["device_key"],))
         db.execute("UPDATE outages SET ended_ms = ? WHERE device_key = ? AND started_ms = ?",
                    (heard_at_ms, device["device_key"], down_since))
         db.execute("INSERT INTO alerts (device_key, status, at_ms, last_heard_ms) VALUES (?, 'up', ?, ?)",
@@ -448,14 +450,11 @@ def record_heartbeat(db: sqlite3.Connection, device_id: str, minute: int, heard_
             " WHERE minutes & excluded.minutes = 0",
             {"key": device["device_key"], "hour": hour, "bit": 1 << minute_of_hour},
         ).rowcount
-        if is_new:
-            db.execute(
-                "UPDATE devices SET online_minutes = online_minutes + 1,"
-                " first_minute = min(coalesce(first_minute, :minute), :minute),"
-                " last_minute = max(coalesce(last_minute, :minute), :minute) WHERE device_key = :key",
-                {"minute": minute, "key": device["device_key"]},
-            )
-        return end_write(db, device, minute, heard_at_ms)
+        counted = ("online_minutes = online_minutes + 1, first_minute = min(coalesce(first_minute, :minute), :minute),"
+                   " last_minute = max(coalesce(last_minute, :minute), :minute), ") if is_new else ""
+        db.execute(f"UPDATE devices SET {counted}{HEARD} WHERE device_key = :key",
+                   {"minute": minute, "heard": heard_at_ms, "key": device["device_key"]})
+        return end_write(db, device, heard_at_ms)
 
 
 def record_upload(db: sqlite3.Connection, device_id: str, sent_at: datetime, upload_time_ns: int,
@@ -472,9 +471,10 @@ def record_upload(db: sqlite3.Connection, device_id: str, sent_at: datetime, upl
             "INSERT INTO uploads (device_key, number, sent_at, upload_time_ns) VALUES (?, ?, ?, ?)",
             (device["device_key"], device["upload_count"] + 1, int(sent_at.timestamp()), upload_time_ns),
         )
-        db.execute("UPDATE devices SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + ?"
-                   " WHERE device_key = ?", (upload_time_ns, device["device_key"]))
-        return end_write(db, device, minute, heard_at_ms)
+        db.execute(f"UPDATE devices SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + :ns,"
+                   f" {HEARD} WHERE device_key = :key",
+                   {"ns": upload_time_ns, "minute": minute, "heard": heard_at_ms, "key": device["device_key"]})
+        return end_write(db, device, heard_at_ms)
 
 
 def read_aggregates(db: sqlite3.Connection, device_id: str) -> Aggregates:
