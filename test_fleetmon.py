@@ -1907,3 +1907,33 @@ def test_stopping_prints_the_last_activity_and_a_closing_line(app, capsys, monke
     out = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"fleetmon: last \d+ s: 1 heartbeats, 0 uploads, 0 stats reads, 0 rejected", out[-2])
     assert out[-1] == "fleetmon: stopped"
+
+
+def test_the_fleet_page_leads_with_the_devices_down_longest(app, client, monkeypatch):
+    wall = WallClock(monkeypatch)
+    first_down, then_down, up = "26-9a-66-01-33-83", "18-b8-87-e7-1f-06", "b4-45-52-a2-f1-3c"
+    with watching(app, down_after=60) as watched:
+        send(client, heartbeat(SENT_AT, up), heartbeat(minute_of_day(10), up), heartbeat(SENT_AT, first_down))
+        for heard in ([then_down, up], [up], [up]):  # 30 s apart: the first down at 60 s, the second at 90 s
+            wall.ms += 30_000
+            check_after(watched, 30)
+            send(client, *(heartbeat(SENT_AT, device_id) for device_id in heard))
+        wall.ms += 30_000
+        page = fleet_page(client)
+    assert listed_ids(page)[:3] == [first_down, then_down, up]
+    assert summary(page) == {"Devices": "5", "Down": "2", "Up": "1", "Never heard": "2"}
+    assert '<span class="pill down">down</span> <span class="since">down for 2m0s</span>' in page
+    assert '<span class="pill down">down</span> <span class="since">down for 1m30s</span>' in page
+    assert '<span class="since">last heard 30s ago</span>' in page
+
+
+def test_concurrent_writers_never_see_database_is_locked(app):
+    """As under `flask run`, a thread a request: writers wait their turn for SQLite's lock."""
+    def write_day(device_id):
+        client = app.test_client()
+        for event in simulated_day(device_id)[:300]:
+            assert client.post(event.path, json=event.body).status_code == 204
+        return client.get(stats_url(device_id)).status_code
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        assert list(pool.map(write_day, sorted(PUBLISHED_DAYS))) == [200] * 5
