@@ -3,10 +3,13 @@
 It stands in for the vendor's simulator binary. It sends every device of a devices file
 a simulated day of heartbeats and uploads, from clients in parallel, then reads each
 device's stats back and prints the table the vendor's simulator prints, checking the
-vendor's five devices against their published results.
+vendor's five devices against their published results. With --live it sends telemetry
+stamped with the current time instead, until Ctrl+C, one device now and then dropping out
+for a while, for watching fleetmon follow a fleet.
 
     python simulator.py              the day, as fast as fleetmon takes it
     python simulator.py --pace 60    the day spread over a minute, to watch it arrive
+    python simulator.py --live       telemetry from now on, until Ctrl+C
 
 Standard library only, and no import of fleetmon: like a device, it knows fleetmon by its
 API alone.
@@ -19,13 +22,13 @@ import json
 import math
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from heapq import merge
 from pathlib import Path
 from random import Random
-from time import monotonic
+from time import monotonic, sleep
 from typing import NamedTuple
 from urllib.parse import quote, urlsplit
 
@@ -67,7 +70,7 @@ PUBLISHED_DAYS = {
 
 
 class Telemetry(NamedTuple):
-    second: float  # of the simulated day, when the device sends it
+    second: float  # of the simulated day, or of a live run, when the device sends it
     path: str
     body: dict
 
@@ -383,6 +386,107 @@ def send_day(url: str, device_ids: list[str], seed: int, pace: float, held: list
     return 0 if simulation.failed == 0 and passed == checked else 1
 
 
+# --- Live ---------------------------------------------------------------------------
+
+UPLOAD_EVERY_HEARTBEATS = 6
+# A first dropout soon after the start and longer than a short --down-after of fleetmon,
+# so that a demo shows a device go down and come back within a couple of minutes.
+FIRST_DROPOUT_SECONDS = 20
+DROPOUT_SECONDS = (60, 90)
+BETWEEN_DROPOUTS_SECONDS = (120, 300)
+
+
+class Dropout(NamedTuple):
+    device_id: str
+    start: float  # seconds from the start of the live run
+    end: float
+
+
+def live_dropouts(device_ids: list[str], seed: int) -> Iterator[Dropout]:
+    """The devices that drop out of a live run and when: one at a time, for ever."""
+    random = Random(f"{seed}:live")
+    start = FIRST_DROPOUT_SECONDS
+    while True:
+        end = start + random.uniform(*DROPOUT_SECONDS)
+        yield Dropout(random.choice(device_ids), start, end)
+        start = end + random.uniform(*BETWEEN_DROPOUTS_SECONDS)
+
+
+class LiveRun:
+    """What a fleet sends live, worked out a step at a time from the time it is told:
+    a heartbeat from each device every `every` seconds, and now and then an upload,
+    but nothing from a device while it is dropped out."""
+
+    def __init__(self, device_ids: list[str], every: float, seed: int, start: datetime,
+                 dropouts: Iterable[Dropout] | None = None):
+        self.every, self.start = every, start
+        # Spread over the interval, so that the devices do not all send at once.
+        self.due = {device_id: i * every / len(device_ids) for i, device_id in enumerate(device_ids)}
+        self.heartbeats = dict.fromkeys(device_ids, 0)
+        self.dropouts = iter(live_dropouts(device_ids, seed) if dropouts is None else dropouts)
+        self.dropout = next(self.dropouts, None)
+        self.out: str | None = None  # the device dropped out now
+        self.random = Random(seed)
+
+    def step(self, now: datetime) -> tuple[list[str], list[Telemetry]]:
+        """The lines to print and the telemetry to send at `now`."""
+        second = (now - self.start).total_seconds()
+        lines = []
+        if self.out is not None and second >= self.dropout.end:
+            lines.append(f"simulator: {self.out} is back after {self.dropout.end - self.dropout.start:.0f} s")
+            self.out, self.dropout = None, next(self.dropouts, None)
+        if self.out is None and self.dropout is not None and second >= self.dropout.start:
+            self.out = self.dropout.device_id
+            lines.append(f"simulator: {self.out} drops out for {self.dropout.end - self.dropout.start:.0f} s")
+        telemetry = []
+        for device_id in self.due:
+            if self.due[device_id] > second:
+                continue
+            while self.due[device_id] <= second:  # a step late skips the heartbeats missed
+                self.due[device_id] += self.every
+            if device_id == self.out:
+                continue
+            sent_at = rfc3339(now)
+            telemetry.append(Telemetry(second, device_path(device_id, "heartbeat"), {"sent_at": sent_at}))
+            if self.heartbeats[device_id] % UPLOAD_EVERY_HEARTBEATS == 0:
+                upload_time = self.random.randint(60_000, 300_000) * 10**6
+                telemetry.append(Telemetry(second, device_path(device_id, "stats"),
+                                           {"sent_at": sent_at, "upload_time": upload_time}))
+            self.heartbeats[device_id] += 1
+        return lines, telemetry
+
+    def next_step(self) -> datetime:
+        """When the next step has something to do."""
+        second = min(self.due.values())
+        if self.dropout is not None:
+            second = min(second, self.dropout.start if self.out is None else self.dropout.end)
+        return self.start + timedelta(seconds=second)
+
+
+def send_live(url: str, device_ids: list[str], every: float, seed: int) -> int:
+    """Send telemetry stamped with the time until Ctrl+C: the exit status."""
+    run = LiveRun(device_ids, every, seed, start=datetime.now(UTC))
+    sent = failed = 0
+    print(f"simulator: live to {url}, a heartbeat every {every:g} s from each of {devices(len(device_ids))}; "
+          "Ctrl+C stops", flush=True)
+    with closing(Fleetmon(url)) as fleetmon:
+        try:
+            while True:
+                lines, telemetry = run.step(datetime.now(UTC))
+                for line in lines:
+                    print(line, flush=True)
+                for event in telemetry:
+                    failed += fleetmon.post(event) != 204
+                    sent += 1
+                sleep(max(0.0, (run.next_step() - datetime.now(UTC)).total_seconds()))
+        except KeyboardInterrupt:
+            print(f"simulator: stopped; {sent:,} requests sent, {failed:,} failed", flush=True)
+            return 0
+        except Unreachable as error:
+            stopped = f"fleetmon at {url} stopped answering ({error.reason}) after {sent:,} requests"
+            raise SimulatorError(stopped) from None
+
+
 # --- Entry point --------------------------------------------------------------------
 
 
@@ -421,8 +525,8 @@ def seconds(text: str, least: float = 0.0) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(
         prog="simulator.py", description=__doc__.splitlines()[0],
-        epilog="Exit status: 0 when everything was sent and every published result matches, 1 when not, "
-               "2 with one line when it cannot go on.")
+        epilog="Exit status: 0 when everything was sent and every published result matches (or --live "
+               "was stopped with Ctrl+C), 1 when not, 2 with one line when it cannot go on.")
     parser.add_argument("--url", type=fleetmon_url, default=DEFAULT_URL,
                         help="fleetmon's address (default %(default)s)")
     parser.add_argument("--devices", type=Path, default=DEFAULT_DEVICES_CSV, metavar="CSV",
@@ -433,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="spread the day over this long (default 0: as fast as it goes)")
     parser.add_argument("--again", action="store_true",
                         help="send the day even to a fleetmon that holds telemetry for these devices already")
+    parser.add_argument("--live", action="store_true", help="send telemetry stamped with the time, until Ctrl+C")
+    parser.add_argument("--every", type=lambda text: seconds(text, least=0.01), default=10.0, metavar="SECONDS",
+                        help="with --live, a heartbeat from each device this often (default 10)")
     try:
         args = parser.parse_args(argv)
         device_ids = read_device_ids(args.devices)
@@ -443,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SimulatorError(f"fleetmon at {args.url} does not know {len(unknown):,} {of_ours} "
                                  "(started with another devices file?)")
+        if args.live:
+            return send_live(args.url, device_ids, args.every, args.seed)
         held_already = f"fleetmon at {args.url} already holds telemetry for {len(held):,} {of_ours}"
         if held and not args.again:
             raise SimulatorError(f"{held_already}: sent again, their uploads would count twice; "

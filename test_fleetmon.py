@@ -26,7 +26,7 @@ import urllib.parse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager, suppress
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
@@ -1223,6 +1223,7 @@ def test_the_simulator_runs_as_a_script_on_the_standard_library_alone():
         (["--pace", "-5"], "argument --pace: must be a number of seconds, 0 or more, not '-5'"),
         (["--pace", "nan"], "argument --pace: must be a number of seconds, 0 or more, not 'nan'"),
         (["--pace", "inf"], "argument --pace: must be a number of seconds, 0 or more, not 'inf'"),
+        (["--live", "--every", "0"], "argument --every: must be a number of seconds, 0.01 or more, not '0'"),
         (["--url", "http://127.0.0.1:99999"],
          "argument --url: must be an http:// URL with a valid port, not 'http://127.0.0.1:99999'"),
         (["--url", "ftp://127.0.0.1"], "argument --url: must be an http:// URL with a valid port, not 'ftp://127.0.0.1'"),
@@ -1466,6 +1467,69 @@ def test_progress_is_rewritten_in_place_on_a_terminal_and_a_line_now_and_then_el
         simulation.show_progress(now)
     simulation.show_progress(12.5, final=True)
     assert capsys.readouterr() == ("", printed)
+
+
+def test_live_sends_a_heartbeat_every_interval_but_none_while_a_device_is_dropped_out():
+    start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    run = simulator.LiveRun(["cam-1", "cam-2"], every=10, seed=0, start=start,
+                            dropouts=[simulator.Dropout("cam-2", 20, 95)])
+    lines, sent = [], []
+    for second in range(0, 125, 5):
+        assert run.next_step() == start + timedelta(seconds=second)
+        printed, telemetry = run.step(start + timedelta(seconds=second))
+        lines += [(second, line) for line in printed]
+        sent += [(event.path.split("/")[4:], event.body["sent_at"]) for event in telemetry]
+    assert lines == [(20, "simulator: cam-2 drops out for 75 s"), (95, "simulator: cam-2 is back after 75 s")]
+
+    def seconds(device_id, endpoint):
+        return [utc_second(sent_at) for path, sent_at in sent if path == [device_id, endpoint]]
+
+    assert seconds("cam-1", "heartbeat") == list(range(0, 125, 10))
+    assert seconds("cam-2", "heartbeat") == [5, 15, 95, 105, 115]
+    assert seconds("cam-1", "stats") == [0, 60, 120]  # an upload with every sixth heartbeat
+    assert seconds("cam-2", "stats") == [5]
+    assert sent[0] == (["cam-1", "heartbeat"], "2025-03-01T12:00:00.000000Z")
+
+
+def utc_second(sent_at):
+    """Seconds from 2025-03-01T12:00:00Z, for the live tests."""
+    return round((datetime.fromisoformat(sent_at) - datetime(2025, 3, 1, 12, 0, tzinfo=UTC)).total_seconds())
+
+
+def test_live_dropouts_come_one_at_a_time_the_first_soon_after_the_start():
+    """So that a fleetmon with a short --down-after shows a device go down and come back
+    within two minutes of the start, and another every few minutes."""
+    dropouts = list(itertools.islice(simulator.live_dropouts(sorted(PUBLISHED_DAYS), seed=0), 100))
+    assert dropouts[0].start == 20
+    assert all(60 <= dropout.end - dropout.start <= 90 for dropout in dropouts)
+    assert all(120 <= later.start - earlier.end <= 300 for earlier, later in itertools.pairwise(dropouts))
+    assert {dropout.device_id for dropout in dropouts} == set(PUBLISHED_DAYS)
+
+
+def test_live_sends_telemetry_stamped_now_until_ctrl_c(app, capsys, monkeypatch):
+    naps = []
+
+    def nap_until_the_25th_then_ctrl_c(seconds):
+        naps.append(seconds)
+        if len(naps) == 25:
+            raise KeyboardInterrupt
+        time.sleep(seconds)
+
+    monkeypatch.setattr(simulator, "sleep", nap_until_the_25th_then_ctrl_c)
+    first_minute = int(time.time() // 60)
+    with waitress_server(app) as port:
+        status = simulate("--url", f"http://127.0.0.1:{port}", "--live", "--every", "0.2")
+    minutes_now = range(first_minute, int(time.time() // 60) + 1)
+    printed = capsys.readouterr()
+    assert (status, printed.err) == (0, "")
+    first, last = printed.out.splitlines()
+    assert first == (f"simulator: live to http://127.0.0.1:{port}, a heartbeat every 0.2 s from each of 5 devices; "
+                     "Ctrl+C stops")
+    assert re.fullmatch(r"simulator: stopped; \d+ requests sent, 0 failed", last)
+    rows = stored(app, ("heartbeat_minutes", "uploads"))
+    assert {minute for _, minute in rows["heartbeat_minutes"]} <= set(minutes_now)  # stamped with the time
+    assert {device_id for device_id, _ in rows["heartbeat_minutes"]} == set(PUBLISHED_DAYS)
+    assert {upload[1] for upload in rows["uploads"]} == set(PUBLISHED_DAYS)
 
 
 # --- The fleet page ----------------------------------------------------------------------------
