@@ -11,8 +11,8 @@ stopped and the folder removed. The sections:
    as they are answered, to fleetmon and to a "floor": Flask on stock waitress with
    fleetmon's number of worker threads, doing nothing but parse the JSON body and answer
    204. The two take turns, round after round; the median round is shown.
-2. The device simulator's burst: a day of its 5 devices, 2,858 requests from 5 clients at
-   once, to a fresh fleetmon and a fresh floor.
+2. The device simulator's burst: the day simulator.py sends the vendor's 5 devices, each
+   device's from a client of its own, all at once, to a fresh fleetmon and a fresh floor.
 3. GET stats with 1,000 and with 1,000,000 heartbeats stored: the latency should not move.
 4. Overload: fleetmon's capacity in a closed loop, then 1.3 times that paced for 30 s,
    then 0.3 times for 10 s: how much it answers, and how soon it recovers.
@@ -64,27 +64,18 @@ from itertools import count
 from pathlib import Path
 
 import fleetmon
+from simulator import PUBLISHED_DAYS, UPLOADS_A_DAY, simulated_day
 
 HERE = Path(__file__).resolve().parent
 FLEETMON_SCRIPT = HERE / "fleetmon.py"
 BENCHMARK_SCRIPT = Path(__file__).resolve()
 FLOOR_THREADS = fleetmon.WAITRESS_SETTINGS["threads"]
 
-# The device simulator's day: its five devices and how many heartbeats each sends
-# (README.md, "Check it with the device simulator"); each also reports 100 uploads.
-SIMULATOR_HEARTBEATS = {
-    "60-6b-44-84-dc-64": 479,
-    "b4-45-52-a2-f1-3c": 480,
-    "26-9a-66-01-33-83": 446,
-    "18-b8-87-e7-1f-06": 474,
-    "38-4e-73-e0-33-59": 479,
-}
-UPLOADS_PER_DAY = 100
 # What a device of the fleet sends in a day: a heartbeat a minute, the simulator's
 # uploads, and a few reads of its stats by whoever watches it.
 HEARTBEATS_PER_DAY = 24 * 60
 READS_PER_DAY = 10
-REQUESTS_PER_DEVICE_SECOND = (HEARTBEATS_PER_DAY + UPLOADS_PER_DAY + READS_PER_DAY) / 86_400
+REQUESTS_PER_DEVICE_SECOND = (HEARTBEATS_PER_DAY + UPLOADS_A_DAY + READS_PER_DAY) / 86_400
 
 FIRST_DAY = datetime(2024, 1, 1)  # UTC
 CLIENT_COUNTS = (16, 64)
@@ -169,18 +160,6 @@ def stats_read(device_id: str) -> bytes:
     return http_request("GET", f"/api/v1/devices/{device_id}/stats")
 
 
-def simulator_day(device_id: str, heartbeats: int) -> list[bytes]:
-    """What the simulator sends for one device in its day, as test_fleetmon.py does:
-    heartbeats in the first and last of 481 minutes and as many between as it reports,
-    100 uploads, in an order shuffled by the device's id."""
-    rng = random.Random(device_id)
-    missing = set(rng.sample(range(1, 480), 481 - heartbeats))
-    requests = [heartbeat(device_id, minute) for minute in range(481) if minute not in missing]
-    requests += [upload(device_id, 4 * i, rng.randrange(60, 300) * 10**9) for i in range(UPLOADS_PER_DAY)]
-    rng.shuffle(requests)
-    return requests
-
-
 class FleetTraffic:
     """The requests a fleet sends, mixed in the proportions one device sends them a day.
 
@@ -197,12 +176,12 @@ class FleetTraffic:
     def take(self, n: int) -> list[bytes]:
         requests = []
         for _ in range(n):
-            draw = self.rng.randrange(HEARTBEATS_PER_DAY + UPLOADS_PER_DAY + READS_PER_DAY)
+            draw = self.rng.randrange(HEARTBEATS_PER_DAY + UPLOADS_A_DAY + READS_PER_DAY)
             minute, position = divmod(self.heartbeats_sent, len(self.devices))
             if draw < HEARTBEATS_PER_DAY:
                 requests.append(heartbeat(self.devices[position], minute))
                 self.heartbeats_sent += 1
-            elif draw < HEARTBEATS_PER_DAY + UPLOADS_PER_DAY:
+            elif draw < HEARTBEATS_PER_DAY + UPLOADS_A_DAY:
                 device_id = self.rng.choice(self.devices)
                 requests.append(upload(device_id, minute, self.rng.randrange(60, 300) * 10**9))
             else:
@@ -213,7 +192,7 @@ class FleetTraffic:
 def telemetry_scripts(kind: str, clients: int, seconds: float, minutes: Iterator[int]) -> list[list[bytes]]:
     """A list of heartbeats or uploads for each closed-loop client, spread over the
     simulator's devices, each in a minute of its own so that every one writes."""
-    devices = list(SIMULATOR_HEARTBEATS)
+    devices = list(PUBLISHED_DAYS)
 
     def request(client: int, i: int) -> bytes:
         device_id = devices[(client + i) % len(devices)]
@@ -671,7 +650,7 @@ def closed_loop_section(plan: Plan, workdir: Path) -> None:
     print(f"\n1. Closed loop: each client POSTs again as soon as it is answered; {plan.closed_loop_seconds:g} s "
           f"a run, median of {plan.rounds} rounds, fleetmon and the floor taking turns")
     print_header()
-    devices_csv = write_devices_csv(workdir / "simulator.csv", list(SIMULATOR_HEARTBEATS))
+    devices_csv = write_devices_csv(workdir / "simulator.csv", list(PUBLISHED_DAYS))
     minutes = count()  # shared, so that every heartbeat of every run stores a new row
     rates = {}
     with fleetmon_server(workdir, workdir / "closed-loop.db", devices_csv) as fleetmon_port, \
@@ -695,12 +674,14 @@ def closed_loop_section(plan: Plan, workdir: Path) -> None:
 
 
 def burst_section(plan: Plan, workdir: Path) -> None:
-    scripts = [simulator_day(device_id, heartbeats) for device_id, heartbeats in SIMULATOR_HEARTBEATS.items()]
+    # Each device's day as simulator.py sends it, in order, from a client of its own.
+    scripts = [[http_request("POST", event.path, event.body) for event in simulated_day(device_id)]
+               for device_id in PUBLISHED_DAYS]
     requests = sum(map(len, scripts))
     print(f"\n2. The simulator's burst: {requests:,} requests from {len(scripts)} clients at once, "
           f"each server fresh with a new database; median of {plan.rounds} rounds")
     print_header(first="seconds")
-    devices_csv = write_devices_csv(workdir / "simulator.csv", list(SIMULATOR_HEARTBEATS))
+    devices_csv = write_devices_csv(workdir / "simulator.csv", list(PUBLISHED_DAYS))
     databases = (workdir / f"burst-{n}.db" for n in count())
 
     def burst(server) -> Figures:
@@ -721,8 +702,8 @@ def stats_read_section(plan: Plan, workdir: Path) -> None:
     print(f"\n3. GET stats from one client: {plan.read_seconds:g} s a run, median of {plan.rounds} rounds, "
           "the two servers taking turns")
     print_header()
-    device_id = next(iter(SIMULATOR_HEARTBEATS))
-    devices_csv = write_devices_csv(workdir / "simulator.csv", list(SIMULATOR_HEARTBEATS))
+    device_id = next(iter(PUBLISHED_DAYS))
+    devices_csv = write_devices_csv(workdir / "simulator.csv", list(PUBLISHED_DAYS))
     script = [[stats_read(device_id)] * math.ceil(CLOSED_LOOP_MAX_RATE * plan.read_seconds)]
     servers = {}
     for stored in (1_000, 1_000_000):
@@ -783,7 +764,7 @@ def overload_section(plan: Plan, workdir: Path) -> None:
 
 
 def fleet_size_section(plan: Plan, workdir: Path) -> None:
-    print(f"\n5. How many devices: what N devices send ({HEARTBEATS_PER_DAY:,} heartbeats, {UPLOADS_PER_DAY} uploads "
+    print(f"\n5. How many devices: what N devices send ({HEARTBEATS_PER_DAY:,} heartbeats, {UPLOADS_A_DAY} uploads "
           f"and {READS_PER_DAY} stats reads a device a day), paced for {plan.fleet_step_seconds:g} s over at most "
           f"{OPEN_LOOP_CONNECTIONS} connections;")
     print(f"   a fleet passes with p99 under {CLAIM_P99_SECONDS * 1000:.0f} ms from when each request was due, "
@@ -820,7 +801,7 @@ def fleet_size_section(plan: Plan, workdir: Path) -> None:
 def fleet_page_section(plan: Plan, workdir: Path) -> None:
     print(f"\n6. The fleet page, GET / for a browser: {FLEET_PAGE_DEVICES:,} devices, the {FLEET_PAGE_ROWS} shown "
           "with a day of heartbeats missing one minute in ten, the rest two heartbeats each")
-    devices_csv = write_devices_csv(workdir / "simulator.csv", list(SIMULATOR_HEARTBEATS))
+    devices_csv = write_devices_csv(workdir / "simulator.csv", list(PUBLISHED_DAYS))
     with fleetmon_server(workdir, workdir / "page-probe.db", devices_csv) as port:
         content_type, _, _ = fleet_page(port)
     if not content_type.startswith("text/html"):

@@ -6,6 +6,7 @@ Run with ``python -m pytest``.
 
 import html
 import http.server
+import itertools
 import json
 import os
 import queue
@@ -16,10 +17,11 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import typing
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from http.client import HTTPConnection, HTTPException
 from pathlib import Path
@@ -30,10 +32,10 @@ import waitress
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from simulator import PUBLISHED_DAYS, simulated_day
 from waitress import wasyncore
 
 import fleetmon
+import simulator
 from fleetmon import (
     INT64_MAX,
     StartupError,
@@ -45,6 +47,7 @@ from fleetmon import (
     uptime_percent,
     utc_minute,
 )
+from simulator import PUBLISHED_DAYS, simulated_day
 
 HERE = Path(__file__).resolve().parent
 DEVICES_CSV = HERE / "devices.csv"
@@ -1172,47 +1175,32 @@ def test_activity_is_one_line_per_interval_and_nothing_while_idle(app, client):
     assert activity.take_line(123.5) is None
 
 
-# --- simulate ----------------------------------------------------------------------------------
+# --- simulator.py ----------------------------------------------------------------------------
 
 
-def test_simulate_gives_the_published_table(app, capsys):
+def simulate(*args):
+    """simulator.main for args, each as text: its exit status."""
+    return simulator.main([str(arg) for arg in args])
+
+
+def devices_file(tmp_path, *device_ids):
+    return write(tmp_path / "devices.csv", "\n".join(["device_id", *device_ids]).encode())
+
+
+def test_the_simulator_sends_the_day_and_prints_the_published_table(app, capsys):
     with waitress_server(app) as port:
-        status = fleetmon.main(["simulate", "--url", f"http://127.0.0.1:{port}"])
-    printed = capsys.readouterr()
+        status = simulate("--url", f"http://127.0.0.1:{port}")
+    lines = capsys.readouterr().out.splitlines()
     assert status == 0
-    table = [line.split() for line in printed.out.splitlines()[1:-1]]
-    assert table == [[device_id, day.uptime, day.avg_upload_time, "PASS"] for device_id, day in sorted(PUBLISHED_DAYS.items())]
-    assert printed.out.splitlines()[-1] == "simulate: 2,910 requests sent, 0 failed; 5 of 5 published results match"
+    assert [line.split() for line in lines[1:-1]] == [[device_id, day.uptime, day.avg_upload_time, "PASS"]
+                                                      for device_id, day in sorted(PUBLISHED_DAYS.items())]
+    assert lines[-1] == "simulator: 2,910 requests sent, 0 failed; 5 of 5 published results match"
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "ftp://127.0.0.1", "127.0.0.1:6733"])
-def test_simulate_with_a_wrong_url_is_one_line_and_exit_2(capsys, url):
-    assert fleetmon.main(["simulate", "--url", url]) == 2
-    assert capsys.readouterr().err == f"simulate: --url must be an http:// URL with a valid port, not {url!r}\n"
-
-
-def test_simulate_takes_devices_before_or_after_the_command(tmp_path, capsys):
-    missing = tmp_path / "missing.csv"
-    for args in (["--devices", str(missing), "simulate"], ["simulate", "--devices", str(missing)]):
-        assert fleetmon.main(args) == 2
-        assert capsys.readouterr().err == f"simulate: cannot read devices file {missing}: No such file or directory\n"
-
-
-def test_simulate_without_fleetmon_is_one_line_and_exit_2(capsys):
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-    assert fleetmon.main(["simulate", "--url", f"http://127.0.0.1:{port}"]) == 2
-    printed = capsys.readouterr()
-    assert printed.err.startswith(f"simulate: nothing answers at http://127.0.0.1:{port} (")
-    assert printed.err.endswith("); is fleetmon running?\n")
-    assert printed.err.count("\n") == 1
-
-
-def test_simulate_drives_any_devices_file_and_one_device_stays_silent(tmp_path, capsys):
-    devices = write(tmp_path / "devices.csv", "\n".join(["device_id", *PUBLISHED_DAYS, "cam-1", "cam-2"]).encode())
+def test_the_simulator_drives_any_devices_file_and_one_device_stays_silent(tmp_path, capsys):
+    devices = devices_file(tmp_path, *PUBLISHED_DAYS, "cam-1", "cam-2")
     with open_app(tmp_path / "fleet.db", devices) as app, waitress_server(app) as port:
-        status = fleetmon.main(["simulate", "--url", f"http://127.0.0.1:{port}", "--devices", str(devices)])
+        status = simulate("--url", f"http://127.0.0.1:{port}", "--devices", devices)
     assert status == 0
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:-1]}
     assert rows["cam-1"] == ["-", "-"]  # the first device not the vendor's sends nothing
@@ -1231,6 +1219,329 @@ def test_simulated_days_are_repeatable_per_seed_and_make_a_varied_fleet():
     assert uptimes[0] < 90  # some flaky
     assert uptimes[50] > 99  # most steady
     assert all(len([event for event in day if event.path.endswith("/stats")]) == 100 for day in fleet)
+
+
+def test_the_simulator_runs_as_a_script_on_the_standard_library_alone():
+    # -S: no site-packages, so that importing fleetmon (and so Flask) or any other package fails.
+    result = subprocess.run([sys.executable, "-S", str(HERE / "simulator.py"), "--help"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith("usage: simulator.py [-h] [--url URL] [--devices CSV] [--seed SEED]")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pace", "-5"], "argument --pace: must be a number of seconds, 0 or more, not '-5'"),
+        (["--pace", "nan"], "argument --pace: must be a number of seconds, 0 or more, not 'nan'"),
+        (["--pace", "inf"], "argument --pace: must be a number of seconds, 0 or more, not 'inf'"),
+        (["--live", "--every", "0"], "argument --every: must be a number of seconds, 0.01 or more, not '0'"),
+        (["--url", "http://127.0.0.1:99999"],
+         "argument --url: must be an http:// URL with a valid port, not 'http://127.0.0.1:99999'"),
+        (["--url", "ftp://127.0.0.1"], "argument --url: must be an http:// URL with a valid port, not 'ftp://127.0.0.1'"),
+        (["--url", "127.0.0.1:6733"], "argument --url: must be an http:// URL with a valid port, not '127.0.0.1:6733'"),
+        (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+        (["--devices", "no-such.csv"], "cannot read devices file no-such.csv: No such file or directory"),
+    ],
+)
+def test_the_simulator_refuses_what_it_cannot_use_in_one_line(capsys, args, message):
+    assert simulate(*args) == 2
+    assert capsys.readouterr() == ("", f"simulator: {message}\n")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xef\xbb\xbf device_id \n cam-2 \n\n\ncam-1\ncam-2\n",  # a byte-order mark, spaces, blank lines, a repeat
+        b"name,device_id\nfirst,cam-1\nshort\nthird, cam-3 ,x\n",
+        b"id\ncam-1\n",
+        b"device_id\n\n , \n",
+        b"",
+        b"device_id\n\xff\n",
+    ],
+)
+def test_the_simulator_reads_a_devices_file_as_fleetmon_does(tmp_path, content):
+    path = write(tmp_path / "devices.csv", content)
+
+    def outcome(read, error):
+        try:
+            return sorted(read(path))
+        except error as raised:
+            return str(raised)
+
+    assert outcome(simulator.read_device_ids, simulator.SimulatorError) == outcome(load_device_ids, StartupError)
+
+
+def test_the_simulator_without_fleetmon_is_one_line_and_exit_2(capsys):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    assert simulate("--url", url) == 2
+    assert capsys.readouterr() == ("", f"simulator: nothing answers at {url} (connection refused); is fleetmon running?\n")
+
+
+@pytest.mark.parametrize(("known", "unknown"), [(["cam-1", "cam-2"], 5), (sorted(PUBLISHED_DAYS)[:3], 2)])
+def test_a_fleetmon_started_with_another_devices_file_is_told_and_sent_nothing(tmp_path, capsys, known, unknown):
+    with open_app(tmp_path / "fleetmon.db", devices_file(tmp_path, *known)) as app, waitress_server(app) as port:
+        assert simulate("--url", f"http://127.0.0.1:{port}") == 2
+        assert stored(app, ("online_hours", "uploads")) == {"online_hours": [], "uploads": []}
+    told = (f"simulator: fleetmon at http://127.0.0.1:{port} does not know {unknown} of the 5 devices in "
+            f"{DEVICES_CSV} (started with another devices file?)\n")
+    assert capsys.readouterr() == ("", told)
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_a_fleetmon_that_holds_telemetry_already_is_told_before_anything_is_sent(app, client, capsys, again):
+    """Sent again, a device's uploads count twice: the simulator refuses, unless --again,
+    and then checks no published result of a device that had telemetry before."""
+    send(client, heartbeat(minute_of_day(4)))
+    with waitress_server(app) as port:
+        before = stored(app)
+        status = simulate("--url", f"http://127.0.0.1:{port}", *(["--again"] if again else []))
+        after = stored(app)
+    printed = capsys.readouterr()
+    held = (f"simulator: fleetmon at http://127.0.0.1:{port} already holds telemetry "
+            f"for 1 of the 5 devices in {DEVICES_CSV}")
+    if not again:
+        assert (status, printed.out, after) == (2, "", before)
+        assert printed.err == (f"{held}: sent again, their uploads would count twice; "
+                               "start fleetmon with a fresh --db, or give --again to send anyway\n")
+    else:
+        assert status == 0
+        assert printed.err == f"{held}; sending again (--again), so their published results cannot be checked\n"
+        lines = printed.out.splitlines()
+        assert lines[-1] == ("simulator: 2,910 requests sent, 0 failed; 4 of 4 published results match; "
+                             "1 not checked: fleetmon held their telemetry before")
+        assert [line.split()[-2:] for line in lines if line.startswith(DEVICE)] == [["not", "checked"]]
+
+
+# A server for what fleetmon never answers, run by FakeServer.
+STOP = object()  # an answer: stop listening, then drop every connection, as a server stopped
+
+
+def http_answer(status, body=b""):
+    """An HTTP/1.1 answer with a JSON body, or a 204."""
+    if status == 204:
+        return b"HTTP/1.1 204 No Content\r\n\r\n"
+    head = f"HTTP/1.1 {status} Whatever\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def fleetmon_answer(method, path):
+    """What fleetmon answers a simulator on a fresh database."""
+    return http_answer(200, b'{"name": "fleetmon"}') if path == "/" else http_answer(204)
+
+
+def read_requests(reader):
+    """(method, path) of each request read from a connection, until the client closes it."""
+    while request_line := reader.readline():
+        method, path, _ = request_line.decode().split(" ", 2)
+        length = 0
+        while (header := reader.readline()).strip():
+            name, _, value = header.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        reader.read(length)
+        yield method, path
+
+
+class FakeServer:
+    """A loopback server that answers each request it reads with what answer(method, path)
+    gives: bytes (b"" closes the connection unanswered), an iterable of bytes, None (no
+    answer, ever), or STOP. A thread for each connection; leaving stops it, joining all."""
+
+    def __init__(self, answer):
+        self.answer, self.requests = answer, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopping, self.stopped, self.lock = threading.Event(), threading.Event(), threading.Lock()
+        self.threads = [threading.Thread(target=self.accept, name="fake server")]
+
+    def __enter__(self):
+        self.threads[0].start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        for thread in self.threads:
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "a connection was left open"
+
+    def accept(self):
+        with self.listener:
+            while not self.stopping.is_set():
+                connection, _ = self.listener.accept()
+                self.threads.append(threading.Thread(target=self.serve, args=(connection,), name="fake connection"))
+                self.threads[-1].start()
+        self.stopped.set()
+
+    def stop(self):
+        """Stop listening: wake the accepting thread with a last connection, and wait for it."""
+        with self.lock:
+            if not self.stopping.is_set():
+                self.stopping.set()
+                socket.create_connection(self.listener.getsockname()).close()
+        self.stopped.wait()
+
+    def serve(self, connection):
+        with connection, connection.makefile("rb") as reader, suppress(ConnectionError):
+            for method, path in read_requests(reader):
+                self.requests.append((method, path))
+                answer = STOP if self.stopping.is_set() else self.answer(method, path)
+                if answer is STOP:
+                    self.stop()
+                if answer is STOP or answer == b"":
+                    return
+                for chunk in [answer] if isinstance(answer, bytes) else answer or []:
+                    connection.sendall(chunk)
+
+
+FIRST_STATS = f"/api/v1/devices/{min(PUBLISHED_DAYS)}/stats"  # the first the simulator reads
+
+
+@pytest.mark.parametrize(
+    ("garbled", "answer", "problem"),
+    [
+        ("/", lambda: b"SSH-2.0-OpenSSH_9.6\r\n", "answered GET / with something that is not HTTP"),
+        ("/", lambda: itertools.chain([b"HTTP/1.1 200 OK\r\n\r\n"], itertools.repeat(b"{" * 4096)),
+         "answered GET / with a body of more than 64 KiB"),
+        ("/", lambda: b"", "closed the connection twice without answering GET /"),
+        ("/", lambda: http_answer(200, b'{"name": "something else"}'), "answers, but not as fleetmon (HTTP 200)"),
+        (FIRST_STATS, lambda: http_answer(500, b"{}"), f"answered GET {FIRST_STATS} with HTTP 500"),
+        (FIRST_STATS, lambda: http_answer(200, b"<p>stats</p>"),
+         f"answered GET {FIRST_STATS} with a body that is not a device's stats"),
+        (FIRST_STATS, lambda: http_answer(200, b"[" * 60_000),
+         f"answered GET {FIRST_STATS} with a body that is not a device's stats"),
+        (FIRST_STATS, lambda: http_answer(200, b'{"uptime": "high", "avg_upload_time": "3s"}'),
+         f"answered GET {FIRST_STATS} with a body that is not a device's stats"),
+    ],
+)
+def test_a_server_answering_garbage_is_told_in_one_line(capsys, garbled, answer, problem):
+    with FakeServer(lambda method, path: answer() if path == garbled else fleetmon_answer(method, path)) as server:
+        assert simulate("--url", server.url) == 2
+    assert capsys.readouterr() == ("", f"simulator: {server.url} {problem}\n")
+
+
+def test_a_server_that_never_answers_is_given_up_on_in_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(simulator, "ANSWER_TIMEOUT_SECONDS", 0.2)
+    with FakeServer(lambda method, path: None) as server:
+        assert simulate("--url", server.url) == 2
+    assert capsys.readouterr() == ("", f"simulator: {server.url} did not answer GET / within 0.2 s\n")
+
+
+def test_when_fleetmon_stops_the_simulator_stops_at_the_refused_connection(tmp_path, capsys):
+    """fleetmon stopping stops listening and drops its connections: the next request is
+    refused, and the simulator stops there, rather than count the rest of its day failed."""
+    day = simulated_day(DEVICE)
+    assert day[10].path.endswith("/heartbeat")  # sent again, on a fresh connection: refused
+    posts = itertools.count(1)
+
+    def answer(method, path):
+        return STOP if method == "POST" and next(posts) > 10 else fleetmon_answer(method, path)
+
+    with FakeServer(answer) as server:
+        assert simulate("--url", server.url, "--devices", devices_file(tmp_path, DEVICE)) == 2
+    told = f"simulator: fleetmon at {server.url} stopped answering (connection refused) after 10 of {len(day)} requests\n"
+    assert capsys.readouterr() == ("", told)
+
+
+def test_when_fleetmon_stops_every_client_stops(capsys):
+    posts = itertools.count(1)
+
+    def answer(method, path):
+        return STOP if method == "POST" and next(posts) > 100 else fleetmon_answer(method, path)
+
+    with FakeServer(answer) as server:
+        assert simulate("--url", server.url) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert re.fullmatch(rf"simulator: fleetmon at {server.url} stopped answering \(connection refused\) "
+                        r"after 10[0-5] of [\d,]+ requests\n", printed.err)
+    # The hundred answered, and at most one more from each of the five clients.
+    assert len([method for method, _ in server.requests if method == "POST"]) <= 100 + 5
+
+
+@pytest.mark.parametrize(
+    ("terminal", "printed"),
+    [
+        (True, ("\rsimulator: 10 of 100 requests sent, 0 failed, 20 requests/s"
+                "\rsimulator: 60 of 100 requests sent, 1 failed, 6 requests/s"
+                "\rsimulator: 100 of 100 requests sent, 1 failed, 8 requests/s"
+                "\rsimulator: 100 of 100 requests sent, 1 failed, 8 requests/s\n")),
+        (False, "simulator: 60 of 100 requests sent, 1 failed, 6 requests/s\n"),
+    ],
+)
+def test_progress_is_rewritten_in_place_on_a_terminal_and_a_line_now_and_then_elsewhere(capsys, terminal, printed):
+    simulation = simulator.Simulation("http://127.0.0.1:6733", ["cam-1"], seed=0, pace=0)
+    simulation.terminal, simulation.started, simulation.shown, simulation.total = terminal, 0.0, 0.0, 100
+    for now, sent, failed in [(0.5, 10, 0), (10, 60, 1), (12.5, 100, 1)]:
+        simulation.sent, simulation.failed = sent, failed
+        simulation.show_progress(now)
+    simulation.show_progress(12.5, final=True)
+    assert capsys.readouterr() == ("", printed)
+
+
+def test_live_sends_a_heartbeat_every_interval_but_none_while_a_device_is_dropped_out():
+    start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    run = simulator.LiveRun(["cam-1", "cam-2"], every=10, seed=0, start=start,
+                            dropouts=[simulator.Dropout("cam-2", 20, 95)])
+    lines, sent = [], []
+    for second in range(0, 125, 5):
+        assert run.next_step() == start + timedelta(seconds=second)
+        printed, telemetry = run.step(start + timedelta(seconds=second))
+        lines += [(second, line) for line in printed]
+        sent += [(event.path.split("/")[4:], event.body["sent_at"]) for event in telemetry]
+    assert lines == [(20, "simulator: cam-2 drops out for 75 s"), (95, "simulator: cam-2 is back after 75 s")]
+
+    def seconds(device_id, endpoint):
+        return [utc_second(sent_at) for path, sent_at in sent if path == [device_id, endpoint]]
+
+    assert seconds("cam-1", "heartbeat") == list(range(0, 125, 10))
+    assert seconds("cam-2", "heartbeat") == [5, 15, 95, 105, 115]
+    assert seconds("cam-1", "stats") == [0, 60, 120]  # an upload with every sixth heartbeat
+    assert seconds("cam-2", "stats") == [5]
+    assert sent[0] == (["cam-1", "heartbeat"], "2025-03-01T12:00:00.000000Z")
+
+
+def utc_second(sent_at):
+    """Seconds from 2025-03-01T12:00:00Z, for the live tests."""
+    return round((datetime.fromisoformat(sent_at) - datetime(2025, 3, 1, 12, 0, tzinfo=UTC)).total_seconds())
+
+
+def test_live_dropouts_come_one_at_a_time_the_first_soon_after_the_start():
+    """So that a fleetmon with a short --down-after shows a device go down and come back
+    within two minutes of the start, and another every few minutes."""
+    dropouts = list(itertools.islice(simulator.live_dropouts(sorted(PUBLISHED_DAYS), seed=0), 100))
+    assert dropouts[0].start == 20
+    assert all(60 <= dropout.end - dropout.start <= 90 for dropout in dropouts)
+    assert all(120 <= later.start - earlier.end <= 300 for earlier, later in itertools.pairwise(dropouts))
+    assert {dropout.device_id for dropout in dropouts} == set(PUBLISHED_DAYS)
+
+
+def test_live_sends_telemetry_stamped_now_until_ctrl_c(app, capsys, monkeypatch):
+    naps = []
+
+    def nap_until_the_25th_then_ctrl_c(seconds):
+        naps.append(seconds)
+        if len(naps) == 25:
+            raise KeyboardInterrupt
+        time.sleep(seconds)
+
+    monkeypatch.setattr(simulator, "sleep", nap_until_the_25th_then_ctrl_c)
+    first_minute = int(time.time() // 60)
+    with waitress_server(app) as port:
+        status = simulate("--url", f"http://127.0.0.1:{port}", "--live", "--every", "0.2")
+    minutes_now = range(first_minute, int(time.time() // 60) + 1)
+    printed = capsys.readouterr()
+    assert (status, printed.err) == (0, "")
+    first, last = printed.out.splitlines()
+    assert first == (f"simulator: live to http://127.0.0.1:{port}, a heartbeat every 0.2 s from each of 5 devices; "
+                     "Ctrl+C stops")
+    assert re.fullmatch(r"simulator: stopped; \d+ requests sent, 0 failed", last)
+    minutes = {device_id: stored_minutes(app, device_id) for device_id in PUBLISHED_DAYS}
+    assert all(minutes.values())  # every device sent
+    assert set().union(*minutes.values()) <= set(minutes_now)  # stamped with the time
+    assert all(stored_uploads(app, device_id) for device_id in PUBLISHED_DAYS)
 
 
 # --- The fleet page ----------------------------------------------------------------------------
