@@ -1211,7 +1211,7 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
                  for online, start, end in online_runs(hours, first, last)]
         online = sum(run["minutes"] for run in strip if run["online"])
         span = last - first  # exclusive, as uptime counts it
-        label = f"{min(online, span)} of {span} minutes online" if span else "1 minute online"
+        label = f"{min(online, span)} of {span} minute{'s' if span != 1 else ''} online" if span else "1 minute online"
     return {
         **view,
         "since": since,
