@@ -12,6 +12,7 @@ import os
 import queue
 import random
 import re
+import select
 import socket
 import sqlite3
 import subprocess
@@ -29,6 +30,7 @@ from pathlib import Path
 import prometheus_client
 import pytest
 import waitress
+from flask import Flask, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -1046,6 +1048,267 @@ def test_a_double_slash_is_an_unknown_path_not_a_redirect(app):
         answer = raw_exchange(port, b"GET /api/v1/devices//stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 404")
     assert b"Content-Type: application/json" in answer
+
+
+# --- A real server: connection slots -------------------------------------------------------
+#
+# The server's clocks are driven by hand here: it checks its connections only when a test
+# calls maintenance() (cleanup_interval is an hour), always in the server's own loop thread
+# (on_loop), and the tests wait for what the server has read, never for time to pass.
+
+BIG_RESPONSE_BYTES = 12 * 1024 * 1024  # more than socket buffers hold, less than waitress's high watermark
+TEST_SETTINGS = {"cleanup_interval": 3600}  # maintenance only when a test calls it
+
+
+@pytest.fixture
+def small_app():
+    """A Flask app with answers of every speed and size, for the connection-slot tests."""
+    app = Flask(__name__)
+    release = threading.Event()
+
+    @app.get("/hello")
+    def hello():
+        return "hello"
+
+    @app.post("/echo")
+    def echo():
+        return request.get_data()
+
+    @app.get("/slow")
+    def slow():
+        release.wait(timeout=30)
+        return "slow"
+
+    @app.get("/big")
+    def big():
+        return b"x" * BIG_RESPONSE_BYTES
+
+    app.config["RELEASE"] = release
+    yield app
+    release.set()  # so that the worker thread can stop
+
+
+@contextmanager
+def serving(app, **settings):
+    """fleetmon's server for app, its connections checked only when a test says."""
+    with running(fleetmon.create_server(app, "127.0.0.1", 0, **(TEST_SETTINGS | settings))) as server:
+        yield server
+
+
+def on_loop(server, function):
+    """function() run in the server's loop thread, between two select() calls, where
+    the server reads and changes its channels."""
+    results = queue.Queue()
+
+    def call():
+        try:
+            results.put((True, function()))
+        except Exception as error:  # noqa: BLE001 - raised again in the test's thread
+            results.put((False, error))
+
+    server.trigger.pull_trigger(call)
+    ok, result = results.get(timeout=10)
+    if not ok:
+        raise result
+    return result
+
+
+def wait_until(server, condition, what):
+    """Wait for the server to reach a state (in its loop thread), failing after 10 s."""
+    deadline = time.monotonic() + 10
+    while not on_loop(server, condition):
+        assert time.monotonic() < deadline, f"the server did not reach: {what}"
+        time.sleep(0.01)
+
+
+def channel_of(server, client):
+    """The server's channel for a client socket, or None if the server has none."""
+    port = client.getsockname()[1]
+    return next((c for c in server.active_channels.values() if c.addr[1] == port), None)
+
+
+def client_socket(server, stack, rcvbuf=None):
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stack.callback(client.close)
+    if rcvbuf:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    client.settimeout(10)
+    client.connect(("127.0.0.1", int(server.effective_port)))
+    return client
+
+
+def read_to_end(client):
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    return data
+
+
+def get(client, path, close=True):
+    """Send a GET and read its response (all of it, when the server is to close)."""
+    connection = "Connection: close\r\n" if close else ""
+    client.sendall(f"GET {path} HTTP/1.1\r\nHost: fleetmon\r\n{connection}\r\n".encode())
+    if close:
+        return read_to_end(client)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += client.recv(1)
+    length = next(int(line[15:]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    body = b""
+    while len(body) < length:
+        body += client.recv(length - len(body))
+    return head + body
+
+
+def slots_free(server):
+    return server.adj.connection_limit - len(server._map)
+
+
+@pytest.mark.parametrize("sent", [
+    b"GET /hello HTTP/1.1\r\nHost: fle",  # a head trickled
+    b"POST /echo HTTP/1.1\r\nHost: fleetmon\r\nContent-Length: 10\r\n\r\nabc",  # a body trickled
+], ids=["head", "body"])
+def test_a_request_not_in_within_the_limit_is_answered_408_and_closed(small_app, sent):
+    with serving(small_app) as server, ExitStack() as stack:
+        client = client_socket(server, stack)
+        client.sendall(sent)
+        wait_until(server, lambda: channel_of(server, client) and channel_of(server, client).request_began,
+                   "the request began")
+        began = on_loop(server, lambda: channel_of(server, client).request_began)
+
+        on_loop(server, lambda: server.maintenance(began + fleetmon.REQUEST_SECONDS))
+        assert on_loop(server, lambda: channel_of(server, client).readable()), "closing while in time"
+
+        on_loop(server, lambda: server.maintenance(began + fleetmon.REQUEST_SECONDS + 1))
+        answer = read_to_end(client)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
+            "msg": f"Request Timeout: the request did not arrive within {fleetmon.REQUEST_SECONDS} s"}
+        wait_until(server, lambda: channel_of(server, client) is None, "the channel closed")
+
+
+def test_an_idle_keep_alive_connection_is_left_to_channel_timeout(small_app):
+    with serving(small_app) as server, ExitStack() as stack:
+        client = client_socket(server, stack)
+        assert get(client, "/hello", close=False).endswith(b"hello")
+        client.sendall(b"\r\n")  # as some clients do after a request; it begins none (RFC 9112, 2.2)
+        wait_until(server, lambda: channel_of(server, client).request is not None, "the blank line read")
+        assert on_loop(server, lambda: channel_of(server, client).between_requests())
+        idle_since = on_loop(server, lambda: channel_of(server, client).last_activity)
+
+        on_loop(server, lambda: server.maintenance(idle_since + fleetmon.REQUEST_SECONDS + 1))
+        on_loop(server, lambda: server.maintenance(idle_since + server.adj.channel_timeout - 1))
+        assert on_loop(server, lambda: channel_of(server, client).readable()), "closed before channel_timeout"
+
+        on_loop(server, lambda: server.maintenance(idle_since + server.adj.channel_timeout + 1))
+        assert read_to_end(client) == b"", "waitress closes an idle connection without a word"
+
+
+def test_a_pipelined_request_gets_its_time_from_when_the_server_reads_it(small_app):
+    with serving(small_app, channel_timeout=3600) as server, ExitStack() as stack:
+        client = client_socket(server, stack)
+        client.sendall(b"GET /slow HTTP/1.1\r\nHost: fleetmon\r\n\r\nGET /hello HTTP/1.1\r\nHo")
+        wait_until(server, lambda: channel_of(server, client) and channel_of(server, client).requests,
+                   "the first request queued")
+        began = on_loop(server, lambda: channel_of(server, client).request_began)
+        assert began is not None
+
+        # Long after it began, but the server has been busy with the one before.
+        on_loop(server, lambda: server.maintenance(began + fleetmon.REQUEST_SECONDS + 5))
+        small_app.config["RELEASE"].set()
+        wait_until(server, lambda: not channel_of(server, client).requests, "the first request answered")
+        on_loop(server, lambda: server.maintenance(began + fleetmon.REQUEST_SECONDS + 5 + fleetmon.REQUEST_SECONDS))
+        assert on_loop(server, lambda: channel_of(server, client).readable()), "timed from when it began"
+        client.sendall(b"st: fleetmon\r\nConnection: close\r\n\r\n")
+        answers = read_to_end(client)
+        assert answers.count(b"HTTP/1.1 200 OK") == 2 and answers.endswith(b"hello")
+
+
+def test_at_the_limit_the_longest_idle_connection_makes_room(small_app):
+    with serving(small_app, connection_limit=20) as server, ExitStack() as stack:
+        clients = [client_socket(server, stack) for _ in range(on_loop(server, lambda: slots_free(server)))]
+        wait_until(server, lambda: slots_free(server) == 0 and all(channel_of(server, c) for c in clients),
+                   "every client accepted")
+        assert get(clients[0], "/hello", close=False).endswith(b"hello")  # one has been used
+        wait_until(server, lambda: channel_of(server, clients[0]).between_requests(), "the request answered")
+
+        # Idle the longest: the one accepted last, not the one accepted first or the one used.
+        def set_idle_times():
+            for n, client in enumerate(clients):
+                channel_of(server, client).last_activity = 1_000_000 - n
+        on_loop(server, set_idle_times)
+
+        newcomer = client_socket(server, stack)
+        assert get(newcomer, "/hello").endswith(b"hello")
+        assert read_to_end(clients[-1]) == b""
+        assert on_loop(server, lambda: all(channel_of(server, c) for c in clients[:-1])), "another one closed"
+
+
+def test_no_connection_in_the_middle_of_a_request_is_shed(small_app):
+    # In memory: a temporary file would be left open, as wasyncore.close_all() closes a
+    # channel's socket but not its buffers.
+    with serving(small_app, connection_limit=6, outbuf_overflow=2 * BIG_RESPONSE_BYTES) as server, ExitStack() as stack:
+        assert on_loop(server, lambda: slots_free(server)) == 4
+
+        writing = client_socket(server, stack, rcvbuf=4096)  # reads none of its response
+        writing.sendall(b"GET /big HTTP/1.1\r\nHost: fleetmon\r\n\r\n")
+        wait_until(server, lambda: channel_of(server, writing) and not channel_of(server, writing).requests
+                   and channel_of(server, writing).total_outbufs_len, "the response being written")
+        running_task = client_socket(server, stack)
+        running_task.sendall(b"GET /slow HTTP/1.1\r\nHost: fleetmon\r\n\r\n")
+        reading_head = client_socket(server, stack)
+        reading_head.sendall(b"GET /hello HTTP/1.1\r\nHo")
+        reading_body = client_socket(server, stack)
+        reading_body.sendall(b"POST /echo HTTP/1.1\r\nHost: fleetmon\r\nContent-Length: 10\r\n\r\nabc")
+        busy = [writing, running_task, reading_head, reading_body]
+        wait_until(server, lambda: all(channel_of(server, c) and channel_of(server, c).request_began for c in busy[2:])
+                   and channel_of(server, running_task).requests, "every connection busy")
+
+        def make_them_look_idle_longest():
+            for client in busy:
+                channel_of(server, client).last_activity = 0
+        on_loop(server, make_them_look_idle_longest)
+
+        newcomer = client_socket(server, stack)  # into the listen queue
+        newcomer.sendall(b"GET /hello HTTP/1.1\r\nHost: fleetmon\r\nConnection: close\r\n\r\n")
+        assert on_loop(server, server.readable) is False, "accepting with no connection to shed"
+        assert on_loop(server, lambda: all(channel_of(server, c) for c in busy)), "a busy one shed"
+        assert on_loop(server, lambda: channel_of(server, newcomer)) is None, "the newcomer accepted"
+
+        # The task ends, its connection goes idle, and makes room.
+        small_app.config["RELEASE"].set()
+        assert read_to_end(newcomer).endswith(b"hello")
+        assert read_to_end(running_task).endswith(b"slow")  # its answer whole, then closed
+        assert on_loop(server, lambda: [channel_of(server, c) is not None for c in busy]) == [True, False, True, True]
+
+
+def test_a_connection_with_a_request_come_but_unread_is_not_shed(small_app):
+    with serving(small_app, connection_limit=5) as server, ExitStack() as stack:
+        clients = [client_socket(server, stack) for _ in range(on_loop(server, lambda: slots_free(server)))]
+        wait_until(server, lambda: slots_free(server) == 0 and all(channel_of(server, c) for c in clients),
+                   "every client accepted")
+        first, second, third = clients
+
+        def hold_newcomers():
+            server.accepting = False  # until this test makes the server accept
+            for n, client in enumerate(clients):
+                channel_of(server, client).last_activity = n
+        on_loop(server, hold_newcomers)
+        newcomer = client_socket(server, stack)  # into the listen queue
+        newcomer.sendall(b"GET /hello HTTP/1.1\r\nHost: fleetmon\r\nConnection: close\r\n\r\n")
+
+        def request_comes_then_accept():
+            # In the loop thread, so that the server cannot read the request first.
+            first.sendall(b"GET /hello HTTP/1.1\r\nHost: fleetmon\r\nConnection: close\r\n\r\n")
+            assert select.select([channel_of(server, first).socket], [], [], 10)[0], "the request did not come"
+            server.accepting = True
+            server.handle_accept()
+        on_loop(server, request_comes_then_accept)
+
+        assert read_to_end(second) == b"", "the longest idle without a request come"
+        assert read_to_end(first).endswith(b"hello")
+        assert read_to_end(newcomer).endswith(b"hello")
+        assert on_loop(server, lambda: channel_of(server, third)) is not None
 
 
 # --- Start-up mistakes ----------------------------------------------------------------------
