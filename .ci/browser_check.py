@@ -32,26 +32,46 @@ def post(url, body):  # urllib raises on an error status
     urllib.request.urlopen(request, timeout=10).close()
 
 
+def wait_for(driver, condition, what):
+    try:
+        WebDriverWait(driver, 10, ignored_exceptions=[StaleElementReferenceException]).until(condition)
+    except TimeoutException:
+        raise AssertionError(f"not within 10 s: {what}") from None
+
+
 def checks(driver, base):
-    """Yields the name of each check as it passes; each builds on the one before."""
+    """Yields the name of each check as it passes; each builds on the one before. The
+    server runs with --down-after 3s."""
     driver.get(base + "/")
     heading = driver.find_element(By.TAG_NAME, "h1").text
     assert (driver.title, heading) == ("fleetmon", "fleetmon"), f"title {driver.title!r}, heading {heading!r}"
     yield "the fleet page is titled fleetmon"
     for device_id in DEVICES:
-        assert "%" not in (text := row_text(driver, device_id)), f"{device_id} has an uptime already: {text!r}"
-    yield f"all {len(DEVICES)} devices are listed, none with an uptime"
+        text = row_text(driver, device_id)
+        assert "never heard" in text and "%" not in text, f"{device_id} is not a device never heard: {text!r}"
+    yield f"all {len(DEVICES)} devices are listed, never heard"
     driver.execute_script("window.notReloaded = true")  # a reload would drop it
     for minute in ("10:02", "10:03", "10:04"):
         post(f"{base}/api/v1/devices/{DEVICE}/heartbeat", {"sent_at": f"2024-01-01T{minute}:00Z"})
     post(f"{base}/api/v1/devices/{DEVICE}/stats", {"sent_at": "2024-01-01T10:04:00Z", "upload_time": 1_500_000_000})
-    try:  # every minute of its span online: 100 %; one upload of 1.5 s: its average
-        WebDriverWait(driver, 10, ignored_exceptions=[StaleElementReferenceException]).until(
-            lambda driver: "100.000%" in (text := row_text(driver, DEVICE)) and "1.5s" in text)
-    except TimeoutException:
-        raise AssertionError(f"{DEVICE} not at 100.000% and 1.5s after 10 s: {row_text(driver, DEVICE)!r}") from None
-    assert driver.execute_script("return window.notReloaded") is True, "the page was reloaded"
+    # Every minute of its span online: 100 %; one upload of 1.5 s: its average.
+    wait_for(driver, lambda driver: all(part in row_text(driver, DEVICE) for part in ("up", "100.000 %", "1.5 s")),
+             f"{DEVICE} up at 100.000 % and 1.5 s: {row_text(driver, DEVICE)!r}")
     yield f"{DEVICE}'s heartbeats and upload show up without a reload"
+    wait_for(driver, lambda driver: "down for" in row_text(driver, DEVICE),
+             f"{DEVICE} down: {row_text(driver, DEVICE)!r}")
+    assert driver.execute_script("return window.notReloaded") is True, "the page was reloaded"
+    yield f"{DEVICE} shows as down once it has gone quiet, without a reload"
+    driver.find_element(By.LINK_TEXT, DEVICE).click()
+    wait_for(driver, lambda driver: driver.find_element(By.TAG_NAME, "h1").text == DEVICE, "the device's page")
+    outages = driver.find_elements(By.XPATH, "//table/tbody/tr")
+    assert len(outages) == 1 and "still down" in outages[0].text, f"outages: {[o.text for o in outages]}"
+    yield "its id opens its page, with its outage"
+    driver.set_window_size(390, 844)
+    driver.get(base + "/")
+    overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the fleet page scrolls sideways by {overflow} px at 390 px wide"
+    yield "at 390 px wide nothing scrolls sideways"
 
 
 def main():
