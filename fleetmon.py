@@ -283,8 +283,9 @@ def upgrade(db: sqlite3.Connection, database: Path) -> str | None:
     if version > SCHEMA_VERSION:
         raise StartupError(f"database {database} was written by a newer fleetmon (schema version {version}, "
                            f"this one knows up to {SCHEMA_VERSION}); it is left as it was")
-    is_empty = db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] == 0
-    if version == SCHEMA_VERSION or is_empty:
+    # Version 0 is the first layout, or a database that schema.sql is about to make.
+    is_new = version == 0 and not db.execute("SELECT 1 FROM sqlite_schema WHERE name = 'heartbeat_minutes'").fetchone()
+    if version == SCHEMA_VERSION or is_new:
         return None
     started = time.monotonic()
     rows = sum(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
@@ -324,6 +325,8 @@ def init_storage(app: Flask) -> None:
             app.config["UPGRADED"] = upgrade(db, database)
             with app.open_resource("schema.sql") as schema:
                 db.executescript(schema.read().decode("utf-8"))
+            if schema_version(db) == 0:  # a new database
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             with transaction(db):
                 # Writes nothing for devices it has, so a start needs no free disk space.
                 db.executemany("INSERT INTO devices (device_id) VALUES (?) ON CONFLICT (device_id) DO NOTHING",

@@ -1,5 +1,7 @@
 -- fleetmon's database, as a new one gets it. Applied at every start, after any upgrade
--- from migrations/, so every statement must be safe to run again on an existing database.
+-- from migrations/, so every statement must be safe to run again on an existing database,
+-- and writes nothing there: a start must not need free disk space. fleetmon.py marks a
+-- new database with its schema version (PRAGMA user_version, SCHEMA_VERSION).
 
 -- Small pages: each write commits a few whole pages to the write-ahead log, and small
 -- ones are quicker to write. Only a new database takes it; then it is fixed.
@@ -85,4 +87,3 @@ CREATE TABLE IF NOT EXISTS alerts (
 );
 CREATE INDEX IF NOT EXISTS alerts_to_deliver ON alerts (id) WHERE NOT delivered;
 
-PRAGMA user_version = 1;

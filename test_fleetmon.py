@@ -2511,3 +2511,12 @@ def test_concurrent_writers_never_see_database_is_locked(app):
 
     with ThreadPoolExecutor(max_workers=5) as pool:
         assert list(pool.map(write_day, sorted(PUBLISHED_DAYS))) == [200] * 5
+
+
+def test_a_restart_on_a_full_disk_starts_and_serves(tmp_path, monkeypatch):
+    database = tmp_path / "fleetmon.db"
+    with open_app(database) as app:
+        send(app.test_client(), heartbeat(SENT_AT))
+    monkeypatch.setattr(fleetmon, "connect", on_a_full_disk)  # not one page more for anyone
+    with open_app(database) as restarted:
+        assert restarted.test_client().get(stats_url()).get_json() == {"uptime": 100.0, "avg_upload_time": "0s"}
