@@ -2513,10 +2513,15 @@ def test_concurrent_writers_never_see_database_is_locked(app):
         assert list(pool.map(write_day, sorted(PUBLISHED_DAYS))) == [200] * 5
 
 
-def test_a_restart_on_a_full_disk_starts_and_serves(tmp_path, monkeypatch):
+def test_a_start_writes_nothing_to_a_database_it_knows(tmp_path):
+    """So that fleetmon starts on a full disk: it needs no room to grow the log."""
     database = tmp_path / "fleetmon.db"
     with open_app(database) as app:
         send(app.test_client(), heartbeat(SENT_AT))
-    monkeypatch.setattr(fleetmon, "connect", on_a_full_disk)  # not one page more for anyone
-    with open_app(database) as restarted:
-        assert restarted.test_client().get(stats_url()).get_json() == {"uptime": 100.0, "avg_upload_time": "0s"}
+    with closing(sqlite3.connect(database)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        before = database.read_bytes()
+        with open_app(database) as restarted:
+            assert restarted.test_client().get(stats_url()).get_json() == {"uptime": 100.0, "avg_upload_time": "0s"}
+            assert Path(f"{database}-wal").stat().st_size == 0
+    assert database.read_bytes() == before
