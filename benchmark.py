@@ -1,7 +1,7 @@
 """How fast fleetmon is, what it stores, and how it bears overload, pruning, a silent
 alert receiver and a large fleet.
 
-    python benchmark.py                     the whole benchmark: about 15 minutes on 2 cores
+    python benchmark.py                     the whole benchmark: about 13 minutes on 2 cores
     python benchmark.py --quick             every section briefly, as a smoke run
     python benchmark.py --against DIR       beside an earlier fleetmon: DIR/fleetmon.py
     python benchmark.py --only 6,7          some sections only
@@ -1253,8 +1253,8 @@ def pruning_section(plan: Plan, workdir: Path) -> None:
         print(f"  pruning not done {PRUNING_WATCH_AFTER_SECONDS} s after the heartbeats stopped: {pruned:,} of {n:,} "
               "devices pruned")
     else:
-        print(f"  every device pruned {pruned_at:.1f} s after fleetmon was listening "
-              f"({pruned_by_then:,} of {n:,} when the heartbeats stopped, {load_ended:.1f} s after)")
+        print(f"  every device pruned {pruned_at:.1f} s after fleetmon began listening; {pruned_by_then:,} of {n:,} "
+              f"were when the heartbeats stopped, {load_ended:.1f} s after it began")
     with closing(sqlite3.connect(database)) as db:
         left = db.execute("SELECT (SELECT count(*) FROM online_hours), (SELECT count(*) FROM uploads)").fetchone()
     print(f"  left: {left[0]:,} online_hours rows, {left[1]:,} uploads "
