@@ -56,7 +56,7 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, WSGITask
 from werkzeug.exceptions import Conflict, HTTPException, InternalServerError
 
-# --- Settings -----------------------------------------------------------------------
+# --- Settings -------------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DEVICES_CSV = HERE / "devices.csv"
@@ -76,7 +76,7 @@ class StartupError(Exception):
     """A problem that stops fleetmon from starting, told in one line."""
 
 
-# --- The maths: time, uptime, durations ---------------------------------------------
+# --- The maths: time, uptime, durations -----------------------------------------------
 
 UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_MINUTE = timedelta(minutes=1)
@@ -191,7 +191,7 @@ def device_stats(aggregates: Aggregates) -> dict | None:
     }
 
 
-# --- The devices file ---------------------------------------------------------------
+# --- The devices file -----------------------------------------------------------------
 
 
 def load_device_ids(path: Path) -> frozenset[str]:
@@ -224,7 +224,7 @@ def load_device_ids(path: Path) -> frozenset[str]:
     return frozenset(device_ids)
 
 
-# --- Storage ------------------------------------------------------------------------
+# --- Storage --------------------------------------------------------------------------
 
 SCHEMA_VERSION = 1
 MIGRATIONS = HERE / "migrations"
@@ -488,7 +488,7 @@ def read_aggregates(db: sqlite3.Connection, device_id: str) -> Aggregates:
         " FROM devices WHERE device_id = ?", (device_id,)).fetchone())
 
 
-# --- The contract: three views ------------------------------------------------------
+# --- The contract: three views --------------------------------------------------------
 
 api = Blueprint("api", __name__)
 
@@ -621,7 +621,7 @@ def get_stats(device_id: str):
     return stats
 
 
-# --- Serving on waitress ------------------------------------------------------------
+# --- Serving on waitress --------------------------------------------------------------
 
 # How waitress serves fleetmon (README.md, "How it works", says why):
 WAITRESS_SETTINGS = {
@@ -819,10 +819,10 @@ def create_server(app: Flask, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
         raise
 
 
-# === The rest =======================================================================
+# === The rest =========================================================================
 # Everything above is the contract. Below: what operators of a real fleet need around it.
 
-# --- Who is down: status, outages, alerts -------------------------------------------
+# --- Who is down: status, outages, alerts ---------------------------------------------
 #
 # A device is heard when fleetmon accepts its telemetry, by fleetmon's own clock: its
 # sent_at may be late, replayed or wrong. Deadlines are elapsed time (time.monotonic(),
@@ -989,7 +989,7 @@ class AlertDelivery:
         return None
 
 
-# --- Retention: pruning in small steps ----------------------------------------------
+# --- Retention: pruning in small steps ------------------------------------------------
 #
 # With --keep-days N, raw telemetry more than N days older than the device's own newest
 # minute goes: by each device's clock, so that a replayed day from long ago is not pruned
@@ -1041,7 +1041,7 @@ class Pruning:
         return True
 
 
-# --- Background work beside the server ----------------------------------------------
+# --- Background work beside the server ------------------------------------------------
 
 CHECKPOINT_SECONDS = 5
 
@@ -1108,7 +1108,7 @@ class Housekeeping:
         self.delivery_db.close()
 
 
-# --- The fleet: its API, its page, a page per device --------------------------------
+# --- The fleet: its API, its page, a page per device ----------------------------------
 
 LIST_LIMIT = 1000
 FLEET_PAGE_ROWS = 100
@@ -1390,7 +1390,7 @@ def human_duration(ns: int) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
-# --- Metrics for Prometheus ---------------------------------------------------------
+# --- Metrics for Prometheus -----------------------------------------------------------
 
 # Per-device series only for a fleet this small: a scrape of a larger one would be
 # large, and every device a series of its own in the time-series database.
@@ -1456,7 +1456,7 @@ def metrics_view():
     return prometheus_client.generate_latest(registry), 200, {"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
 
 
-# --- Debug views and docs -----------------------------------------------------------
+# --- Debug views and docs -------------------------------------------------------------
 
 debug = Blueprint("debug", __name__)
 # Swagger UI from the swagger-ui-bundle package, so that the docs work offline.
@@ -1522,7 +1522,7 @@ def docs_page():
     return render_template("index.j2", openapi_spec_url=url_for(".openapi_document"))
 
 
-# --- Putting it together ------------------------------------------------------------
+# --- Putting it together --------------------------------------------------------------
 
 
 def create_app(database: Path = DEFAULT_DATABASE, devices_csv: Path = DEFAULT_DEVICES_CSV,

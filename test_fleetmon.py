@@ -74,7 +74,7 @@ settings.load_profile(os.environ.get("FLEETMON_HYPOTHESIS", "repeatable"))
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 
-# --- Fixtures and helpers -----------------------------------------------------------
+# --- Fixtures and helpers -----------------------------------------------------------------
 
 
 @contextmanager
@@ -228,7 +228,7 @@ def server_process(*args, timeout=60):
         process.stdout.close()
 
 
-# --- Maths: Go's time.Duration.String() ----------------------------------------------
+# --- Maths: Go's time.Duration.String() ---------------------------------------------------
 
 # Each right-hand side is what Go prints for time.Duration(left).String() (checked
 # against go1.19), the vendor's simulator's published means included.
@@ -278,7 +278,7 @@ def test_mean_ns_truncates(total_ns, count, mean):
     assert mean_ns(total_ns, count) == mean
 
 
-# --- Maths: uptime and sent_at --------------------------------------------------------
+# --- Maths: uptime and sent_at ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -364,7 +364,7 @@ def test_minute_to_rfc3339_inverts_utc_minute(text):
     assert minute_to_rfc3339(utc_minute(text)) == text
 
 
-# --- Devices file ----------------------------------------------------------------------
+# --- Devices file -------------------------------------------------------------------------
 
 
 def test_the_shipped_devices_are_the_simulators(app):
@@ -411,7 +411,7 @@ def test_a_bad_devices_file_stops_the_start_with_one_line(tmp_path):
     assert run.stderr == f"fleetmon: cannot read devices file {missing}: No such file or directory\n"
 
 
-# --- HTTP: the three contract endpoints ------------------------------------------------
+# --- HTTP: the three contract endpoints ---------------------------------------------------
 
 
 def test_a_heartbeat_is_an_empty_204_and_marks_its_utc_minute_online(app, client):
@@ -498,7 +498,7 @@ def test_the_body_is_json_whatever_its_content_type(client, content_type):
     assert response.status_code == 204
 
 
-# --- HTTP: errors ---------------------------------------------------------------------
+# --- HTTP: errors -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -621,7 +621,110 @@ def test_an_unexpected_error_is_500_json_with_the_details_in_the_log_only(app, c
     assert "no such table: uploads" in caplog.text
 
 
-# --- Storage ----------------------------------------------------------------------------
+# --- Hostile input ------------------------------------------------------------------------
+
+# Each example reuses the test's app: the database grows, and every example must leave it
+# unchanged unless it was answered 204.
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+# Mostly valid RFC 3339, each part sometimes just out of range or of the wrong form.
+near_valid_sent_at = st.builds(
+    "{:04d}-{:02d}-{:02d}{}{:02d}:{:02d}:{:02d}{}{}".format,
+    st.integers(0, 9999), st.integers(0, 13), st.integers(0, 32), st.sampled_from("Tt "),
+    st.integers(0, 24), st.integers(0, 60), st.integers(0, 60),
+    st.sampled_from(["", ".5", ".123456789", ".1234567890"]),
+    st.sampled_from(["Z", "z", ""])
+    | st.builds("{}{:02d}:{:02d}".format, st.sampled_from("+-"), st.integers(0, 24), st.integers(0, 60)),
+)
+bodies = st.dictionaries(
+    st.sampled_from(["sent_at", "upload_time"]) | st.text(max_size=8),
+    json_values | near_valid_sent_at | st.integers(min_value=-(2**64), max_value=2**64),
+    max_size=4,
+)
+
+
+def assert_answered_safely(app, response, before):
+    assert response.status_code in (204, 400, 404, 409, 413)
+    if response.status_code == 204:
+        assert response.data == b""
+    else:
+        assert response.content_type == "application/json"
+        assert response.get_json()["msg"]
+        assert stored(app) == before
+
+
+@pytest.mark.parametrize("path", BOTH)
+@given(body=st.binary(max_size=2_000))
+def test_any_bytes_as_body(app, client, path, body):
+    before = stored(app)
+    assert_answered_safely(app, client.post(path, data=body), before)
+
+
+@pytest.mark.parametrize("path", BOTH)
+@given(body=json_values | bodies)
+def test_any_json_as_body(app, client, path, body):
+    before = stored(app)
+    assert_answered_safely(app, client.post(path, data=json.dumps(body)), before)
+
+
+# A "/" is no part of an id but a path separator: test_an_unknown_path_is_404_json. The
+# listed ids are left out: Hypothesis draws strings from fleetmon.py's source too.
+@given(device_id=st.text(st.characters(exclude_categories=["Cs"], exclude_characters="/"), min_size=1)
+       .filter(lambda text: text not in PUBLISHED_DAYS))
+def test_any_device_id(app, client, device_id):
+    before = stored(app)
+    quoted = urllib.parse.quote(device_id, safe="")
+    for method, path in (("POST", heartbeat_url(quoted)), ("POST", stats_url(quoted)),
+                         ("GET", stats_url(quoted)), ("GET", f"/debug/stats/{quoted}")):
+        response = client.open(path, method=method, json={"sent_at": SENT_AT, "upload_time": 1})
+        assert (response.status_code, response.content_type) == (404, "application/json")
+    assert stored(app) == before
+
+
+def minute_by_strptime(sent_at):
+    """The UTC minute of an accepted sent_at, worked out apart from utc_minute."""
+    local = datetime.strptime(sent_at[:16], "%Y-%m-%dT%H:%M")
+    offset = timedelta(0)
+    if not sent_at.endswith("Z"):
+        offset = timedelta(hours=int(sent_at[-5:-3]), minutes=int(sent_at[-2:]))
+        offset = -offset if sent_at[-6] == "-" else offset
+    return (local - offset - datetime(1970, 1, 1)) // timedelta(minutes=1)
+
+
+@given(sent_at=st.text() | near_valid_sent_at)
+def test_any_sent_at(app, client, sent_at):
+    before = stored(app)
+    response = client.post(heartbeat_url(), json={"sent_at": sent_at})
+    assert response.status_code in (204, 400)
+    assert_answered_safely(app, response, before)
+    if response.status_code == 204:
+        assert minute_by_strptime(sent_at) in stored_minutes(app)
+
+
+query_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=30) | st.from_regex(r"-?\d{1,5000}", fullmatch=True)
+
+
+@given(path=st.sampled_from(["/", "/api/v1/devices", "/debug/devices", f"/devices/{DEVICE}"]),
+       arguments=st.dictionaries(st.sampled_from(["page", "limit", "after", "status", "q"]), query_text, max_size=3),
+       accept=st.sampled_from(["text/html", "application/json"]))
+def test_no_query_argument_reaches_a_500(client, path, arguments, accept):
+    response = client.get(path, query_string=arguments, headers={"Accept": accept})
+    assert response.status_code in (200, 400), (path, arguments, response.status_code)
+    if response.status_code == 400:
+        assert set(response.get_json()) == {"msg"}
+
+
+@given(device_id=st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40),
+       path=st.sampled_from(["/api/v1/devices/{}", "/devices/{}", "/debug/stats/{}", "/api/v1/devices/{}/stats"]))
+def test_no_device_id_in_a_path_reaches_a_500(client, device_id, path):
+    response = client.get(path.format(urllib.parse.quote(device_id, safe="")), headers=HTML)
+    assert response.status_code in (200, 204, 404), (path, device_id)
+
+
+# --- Storage ------------------------------------------------------------------------------
 
 
 def test_a_restart_on_the_same_database_gives_the_same_stats(app, client):
@@ -648,79 +751,258 @@ def test_the_database_is_in_wal_mode(app):
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-# --- A real server ---------------------------------------------------------------------
+def test_concurrent_writers_never_see_database_is_locked(app):
+    """As under `flask run`, a thread a request: writers wait their turn for SQLite's lock."""
+    def write_day(device_id):
+        client = app.test_client()
+        for event in simulated_day(device_id)[:300]:
+            assert client.post(event.path, json=event.body).status_code == 204
+        return client.get(stats_url(device_id)).status_code
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        assert list(pool.map(write_day, sorted(PUBLISHED_DAYS))) == [200] * 5
 
 
-def test_the_simulators_day_from_16_clients_over_waitress_gives_its_published_table(app):
-    """Every vendor device's day dealt out to 16 clients, so that each device is written
-    from several connections at once, through fleetmon's own waitress server; then the
-    table the simulator publishes, as it prints it."""
-    telemetry = [event for device_id in PUBLISHED_DAYS for event in simulated_day(device_id)]
-    with waitress_server(app) as port:
-
-        def send_share(share):
-            with closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
-                return [http_request(connection, "POST", event.path, event.body) for event in share]
-
-        with ThreadPoolExecutor(16) as pool:
-            answers = [answer for share in pool.map(send_share, [telemetry[i::16] for i in range(16)])
-                       for answer in share]
-        assert answers == [(204, b"")] * len(telemetry)
-
-        table = {}
-        with closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
-            for device_id in PUBLISHED_DAYS:
-                status, body = http_request(connection, "GET", stats_url(device_id))
-                stats = json.loads(body)
-                table[device_id] = (status, f"{stats['uptime']:.5f}", stats["avg_upload_time"])
-    assert table == {device_id: (200, published.uptime, published.avg_upload_time)
-                     for device_id, published in PUBLISHED_DAYS.items()}
-
-
-def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
+def test_a_start_writes_nothing_to_a_database_it_knows(tmp_path):
+    """So that fleetmon starts on a full disk: it needs no room to grow the log."""
     database = tmp_path / "fleetmon.db"
-    first_minute = utc_minute("2024-01-01T10:00:00Z")
-    acknowledged = []
-    enough = threading.Event()
-
-    with server_process("--port", "0", "--db", str(database)) as (process, port, printed, _):
-        url = f"http://127.0.0.1:{port}"
-        assert printed == [
-            f"fleetmon: 5 devices from {DEVICES_CSV}, database {database}\n",
-            "fleetmon: a device is down after 5m unheard\n",
-            f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)\n",
-        ]
-
-        def stream():
-            try:
-                with closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
-                    for minute in range(first_minute, first_minute + 100_000):
-                        if http_request(connection, "POST", *heartbeat(minute_to_rfc3339(minute))) == (204, b""):
-                            acknowledged.append(minute)
-                        if len(acknowledged) >= 300:
-                            enough.set()
-            except (OSError, HTTPException):
-                pass  # the server was killed mid-request
-            finally:
-                enough.set()
-
-        streamer = threading.Thread(target=stream)
-        streamer.start()
-        assert enough.wait(timeout=60)
-        process.kill()
-        process.wait()
-        streamer.join(timeout=60)
-        assert not streamer.is_alive()
-
-    assert len(acknowledged) >= 300
-    with open_app(database) as restarted:
-        minutes = set(stored_minutes(restarted))
-        assert minutes.issuperset(acknowledged)
-        debug = restarted.test_client().get(f"/debug/stats/{DEVICE}").get_json()
-        assert debug["online_minutes"] == len(minutes)  # the aggregates committed with the rows
+    with open_app(database) as app:
+        send(app.test_client(), heartbeat(SENT_AT))
+    with closing(sqlite3.connect(database)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        before = database.read_bytes()
+        with open_app(database) as restarted:
+            assert restarted.test_client().get(stats_url()).get_json() == {"uptime": 100.0, "avg_upload_time": "0s"}
+            assert Path(f"{database}-wal").stat().st_size == 0
+    assert database.read_bytes() == before
 
 
-# --- The document, the docs page, the root and the debug views -------------------------
+# --- A database error, a full disk --------------------------------------------------------
+
+
+def read_only(database):
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def on_a_full_disk(database, connect=fleetmon.connect):  # the real one, not a test's stand-in
+    db = connect(database)
+    db.execute("PRAGMA max_page_count = 1")  # no more pages than it has: a write that needs one fails
+    return db
+
+
+@pytest.mark.parametrize("broken_connect", [read_only, on_a_full_disk])
+def test_after_a_write_fails_the_next_request_starts_afresh(app, client, monkeypatch, broken_connect):
+    """As when the database file was read-only, or the disk full, and then mended."""
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # answer 500 as in production
+    real_connect = fleetmon.connect
+    monkeypatch.setattr(fleetmon, "connect", broken_connect)
+    hours = fill_until_a_write_fails(client)
+    monkeypatch.setattr(fleetmon, "connect", real_connect)
+    send(client, heartbeat(minute_of_day(60 * hours)))
+    assert len(stored_minutes(app)) == hours + 1
+
+
+def fill_until_a_write_fails(client):
+    """Heartbeats, each in an hour of its own (a row of its own), until one is a 500;
+    returns how many were stored."""
+    hours = 0
+    while client.post(heartbeat_url(), json={"sent_at": minute_of_day(60 * hours)}).status_code == 204:
+        hours += 1
+        assert hours < 1_000, "the broken connection never failed"
+    return hours
+
+
+def test_a_failing_database_logs_a_line_per_request_and_its_traceback_once(app, client, monkeypatch, caplog):
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    monkeypatch.setattr(fleetmon, "connect", on_a_full_disk)
+    hours = fill_until_a_write_fails(client)
+    for hour in range(hours + 1, hours + 3):
+        assert client.post(heartbeat_url(), json={"sent_at": minute_of_day(60 * hour)}).status_code == 500
+    failures = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert [record.getMessage() for record in failures] == [
+        f"POST {heartbeat_url()} failed: OperationalError: database or disk is full"] * 3
+    assert [record.exc_info is not None for record in failures] == [True, False, False]
+
+
+def test_the_write_ahead_log_is_cut_back_after_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(fleetmon, "WAL_SIZE_LIMIT_BYTES", 32 * 1024)
+    with open_app(tmp_path / "fleetmon.db") as app:
+        client = app.test_client()
+        send(client, *(heartbeat(minute_of_day(60 * hour)) for hour in range(300)))
+        wal = tmp_path / "fleetmon.db-wal"
+        assert wal.stat().st_size > 32 * 1024
+        with closing(fleetmon.connect(app.config["DATABASE"])) as db:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # what the housekeeping does every few seconds
+        send(client, heartbeat(minute_of_day(0)))  # the log restarts from its beginning, cut back
+        assert wal.stat().st_size <= 32 * 1024
+
+
+# --- Upgrading a database written by an earlier fleetmon ----------------------------------
+
+# The layout of every fleetmon before schema versions (user_version 0): a row per online
+# minute and per upload, each with the text id, the aggregates kept by triggers.
+FIRST_LAYOUT = """
+PRAGMA journal_mode = WAL;
+CREATE TABLE heartbeat_minutes (device_id TEXT NOT NULL, minute INTEGER NOT NULL,
+                                PRIMARY KEY (device_id, minute)) WITHOUT ROWID;
+CREATE TABLE uploads (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, sent_at TEXT NOT NULL,
+                      upload_time_ns INTEGER NOT NULL CHECK (upload_time_ns >= 0));
+CREATE TABLE listed_devices (device_id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE device_stats (device_id TEXT PRIMARY KEY, online_minutes INTEGER NOT NULL DEFAULT 0,
+                           first_minute INTEGER, last_minute INTEGER, upload_count INTEGER NOT NULL DEFAULT 0,
+                           upload_total_ns INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE TRIGGER count_online_minute AFTER INSERT ON heartbeat_minutes BEGIN
+    UPDATE device_stats SET online_minutes = online_minutes + 1,
+        first_minute = min(coalesce(first_minute, NEW.minute), NEW.minute),
+        last_minute = max(coalesce(last_minute, NEW.minute), NEW.minute)
+    WHERE device_id = NEW.device_id;
+END;
+CREATE TRIGGER add_upload AFTER INSERT ON uploads BEGIN
+    UPDATE device_stats SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + NEW.upload_time_ns
+    WHERE device_id = NEW.device_id;
+END;
+"""
+
+
+def first_layout_database(path, days):
+    """A database as the first layout's fleetmon left it, holding days {device: telemetry}."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.executescript(FIRST_LAYOUT)
+        db.executemany("INSERT INTO device_stats (device_id) VALUES (?)", ((d,) for d in PUBLISHED_DAYS))
+        db.executemany("INSERT INTO listed_devices (device_id) VALUES (?)", ((d,) for d in PUBLISHED_DAYS))
+        for device_id, telemetry in days.items():
+            for event in telemetry:
+                if event.path.endswith("/heartbeat"):
+                    db.execute("INSERT OR IGNORE INTO heartbeat_minutes VALUES (?, ?)",
+                               (device_id, utc_minute(event.body["sent_at"])))
+                else:
+                    db.execute("INSERT INTO uploads (device_id, sent_at, upload_time_ns) VALUES (?, ?, ?)",
+                               (device_id, event.body["sent_at"], event.body["upload_time"]))
+        stats = {
+            device_id: fleetmon.device_stats(fleetmon.Aggregates(*row))
+            for device_id, *row in db.execute("SELECT * FROM device_stats")
+        }
+    return stats
+
+
+def everything_in(path):
+    """The whole database, schema and rows, to show it was left as it was."""
+    with closing(sqlite3.connect(path)) as db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")]
+        return (db.execute("PRAGMA user_version").fetchone(), db.execute("SELECT * FROM sqlite_schema").fetchall(),
+                {table: db.execute(f"SELECT * FROM {table}").fetchall() for table in tables})
+
+
+class Event(typing.NamedTuple):
+    path: str
+    body: dict
+
+
+ODD_DAYS = {
+    # uploads only, sent with offsets; heartbeats only, one before 1970; one minute alone
+    "60-6b-44-84-dc-64": [Event("/stats", {"sent_at": "2024-01-01T12:04:59.999999999+02:00", "upload_time": 7}),
+                          Event("/stats", {"sent_at": "2024-01-01T05:04:00-05:00", "upload_time": INT64_MAX - 7})],
+    "b4-45-52-a2-f1-3c": [Event("/heartbeat", {"sent_at": "1969-12-31T23:59:00Z"}),
+                          Event("/heartbeat", {"sent_at": "1970-01-01T00:00:00Z"}),
+                          Event("/heartbeat", {"sent_at": "1970-01-01T01:30:00Z"})],
+    "26-9a-66-01-33-83": [Event("/heartbeat", {"sent_at": "2024-01-01T10:04:00Z"})],
+}
+
+
+@pytest.mark.parametrize("days", [{d: simulated_day(d) for d in PUBLISHED_DAYS}, ODD_DAYS], ids=["the simulator's day", "odd cases"])
+def test_a_first_layout_database_is_upgraded_with_identical_stats(tmp_path, days):
+    database = tmp_path / "old.db"
+    before = first_layout_database(database, days)
+    with open_app(database) as app:
+        client = app.test_client()
+        after = {device_id: client.get(stats_url(device_id)).get_json() for device_id in PUBLISHED_DAYS}
+        assert re.fullmatch(rf"upgraded database {re.escape(str(database))} from schema version 0 to 1: "
+                            r"[\d,]+ rows in \d+\.\d s", app.config["UPGRADED"])
+        for device_id, telemetry in days.items():  # the raw telemetry came along too
+            minutes = {utc_minute(e.body["sent_at"]) for e in telemetry if e.path.endswith("/heartbeat")}
+            assert stored_minutes(app, device_id) == sorted(minutes)
+            uploads = [e.body for e in telemetry if e.path.endswith("/stats")]
+            assert stored_uploads(app, device_id) == [
+                (number, int(fleetmon.utc_datetime(body["sent_at"]).timestamp()), body["upload_time"])
+                for number, body in enumerate(uploads, start=1)]
+    assert after == before
+    with open_app(database) as again:  # and the next start has nothing to upgrade
+        assert again.config["UPGRADED"] is None
+
+
+def test_a_failed_upgrade_leaves_the_database_as_it_was(tmp_path):
+    database = tmp_path / "old.db"
+    first_layout_database(database, ODD_DAYS)
+    with closing(sqlite3.connect(database)) as db:
+        db.execute("CREATE TABLE online_hours (x)")  # in the way of the upgrade, half-way through
+    before = everything_in(database)
+    with pytest.raises(StartupError) as refused:
+        create_app(database=database)
+    assert str(refused.value) == (f"cannot upgrade database {database} from schema version 0: "
+                                  "table online_hours already exists; it is left as it was")
+    assert everything_in(database) == before
+
+
+def test_a_database_from_a_newer_fleetmon_is_refused_untouched(tmp_path, capsys):
+    database = tmp_path / "newer.db"
+    with closing(sqlite3.connect(database)) as db:
+        db.execute("CREATE TABLE from_the_future (x)")
+        db.execute("PRAGMA user_version = 2")
+    before = database.read_bytes()
+    refusal = (f"fleetmon: database {database} was written by a newer fleetmon (schema version 2, this one knows "
+               "up to 1); it is left as it was\n")
+    assert start_with(capsys, "--db", database) == (1, refusal)
+    assert database.read_bytes() == before
+
+
+# --- Retention ----------------------------------------------------------------------------
+
+
+def prune_all(app, keep_days):
+    with closing(fleetmon.connect(app.config["DATABASE"])) as db:
+        pruning = fleetmon.Pruning(keep_days)
+        steps = 0
+        while pruning.step(db):
+            steps += 1
+    return steps
+
+
+def test_pruning_keeps_the_stats_and_refuses_what_it_pruned(tmp_path, monkeypatch):
+    monkeypatch.setattr(fleetmon, "PRUNE_ROWS_PER_STEP", 10)  # many small steps
+    with open_app(tmp_path / "fleetmon.db") as app:
+        client = app.test_client()
+        day = 24 * 60
+        sent = [minute_of_day(minute) for minute in range(0, 4 * day, 7)]
+        send(client, *(heartbeat(sent_at) for sent_at in sent), *(upload(n, sent_at) for n, sent_at in enumerate(sent)))
+        send(client, *(heartbeat(sent_at, OTHER_DEVICE) for sent_at in sent[:50]))
+        stats = {device_id: client.get(stats_url(device_id)).get_json() for device_id in (DEVICE, OTHER_DEVICE)}
+        other_before = (stored_minutes(app, OTHER_DEVICE), stored_uploads(app, OTHER_DEVICE))
+
+        assert prune_all(app, keep_days=1) > 10
+        newest = utc_minute(sent[-1])
+        kept_from = (newest - day) // 60 * 60  # a whole hour
+        assert stored_minutes(app) == [m for m in map(utc_minute, sent) if m >= kept_from]
+        assert [upload[1] // 60 for upload in stored_uploads(app)] == [m for m in map(utc_minute, sent) if m >= kept_from]
+        assert {device_id: client.get(stats_url(device_id)).get_json() for device_id in stats} == stats
+        # The other device's history is its own: its newest minute is days older, and all of it is kept.
+        assert (stored_minutes(app, OTHER_DEVICE), stored_uploads(app, OTHER_DEVICE)) == other_before
+
+        before = stored(app)
+        late = minute_to_rfc3339(kept_from - 1)
+        message = (f"sent_at is before {minute_to_rfc3339(kept_from)}, where this device's kept history begins "
+                   "(older telemetry is pruned); nothing was stored")
+        for path, body in (heartbeat(sent[0]), heartbeat(late), upload(5, late)):
+            response = client.post(path, json=body)
+            assert (response.status_code, response.get_json()) == (409, {"msg": message})
+        assert stored(app) == before
+        send(client, heartbeat(minute_to_rfc3339(kept_from)))  # the first minute kept is taken
+        assert client.get(f"/debug/stats/{DEVICE}").get_json()["history_kept_from"] == minute_to_rfc3339(kept_from)
+        assert prune_all(app, keep_days=1) == 0  # nothing more until its window moves an hour on
+
+
+# --- The document, the docs page, the root and the debug views ----------------------------
 
 
 def test_openapi_json_is_the_shipped_file_whatever_the_host_header_says(client):
@@ -836,90 +1118,101 @@ def test_debug_stats_show_the_telemetry_behind_the_stats(client):
     assert response.get_json()["stats"] == client.get(stats_url()).get_json()
 
 
-# --- Hostile input ------------------------------------------------------------------------
-
-# Each example reuses the test's app: the database grows, and every example must leave it
-# unchanged unless it was answered 204.
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12,
-)
-# Mostly valid RFC 3339, each part sometimes just out of range or of the wrong form.
-near_valid_sent_at = st.builds(
-    "{:04d}-{:02d}-{:02d}{}{:02d}:{:02d}:{:02d}{}{}".format,
-    st.integers(0, 9999), st.integers(0, 13), st.integers(0, 32), st.sampled_from("Tt "),
-    st.integers(0, 24), st.integers(0, 60), st.integers(0, 60),
-    st.sampled_from(["", ".5", ".123456789", ".1234567890"]),
-    st.sampled_from(["Z", "z", ""])
-    | st.builds("{}{:02d}:{:02d}".format, st.sampled_from("+-"), st.integers(0, 24), st.integers(0, 60)),
-)
-bodies = st.dictionaries(
-    st.sampled_from(["sent_at", "upload_time"]) | st.text(max_size=8),
-    json_values | near_valid_sent_at | st.integers(min_value=-(2**64), max_value=2**64),
-    max_size=4,
-)
+# --- The debug views, a page at a time ----------------------------------------------------
 
 
-def assert_answered_safely(app, response, before):
-    assert response.status_code in (204, 400, 404, 409, 413)
-    if response.status_code == 204:
-        assert response.data == b""
-    else:
-        assert response.content_type == "application/json"
-        assert response.get_json()["msg"]
-        assert stored(app) == before
+def test_debug_devices_come_a_page_at_a_time(client):
+    seen, url = [], "/debug/devices?limit=2"
+    while url:
+        answer = client.get(url).get_json()
+        seen.append([device["device_id"] for device in answer["devices"]])
+        url = answer["next"]
+    assert seen == [sorted(PUBLISHED_DAYS)[0:2], sorted(PUBLISHED_DAYS)[2:4], sorted(PUBLISHED_DAYS)[4:5]]
 
 
-@pytest.mark.parametrize("path", BOTH)
-@given(body=st.binary(max_size=2_000))
-def test_any_bytes_as_body(app, client, path, body):
-    before = stored(app)
-    assert_answered_safely(app, client.post(path, data=body), before)
+def test_debug_devices_has_no_next_page_after_the_last_device(client):
+    assert client.get("/debug/devices?limit=5").get_json()["next"] is None
 
 
-@pytest.mark.parametrize("path", BOTH)
-@given(body=json_values | bodies)
-def test_any_json_as_body(app, client, path, body):
-    before = stored(app)
-    assert_answered_safely(app, client.post(path, data=json.dumps(body)), before)
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=ten", "limit=-1", "limit=²"])
+def test_debug_devices_limit_is_1_to_1000(client, query):
+    response = client.get(f"/debug/devices?{query}")
+    assert (response.status_code, response.get_json()) == (400, {"msg": "limit must be a whole number from 1 to 1000"})
 
 
-# A "/" is no part of an id but a path separator: test_an_unknown_path_is_404_json. The
-# listed ids are left out: Hypothesis draws strings from fleetmon.py's source too.
-@given(device_id=st.text(st.characters(exclude_categories=["Cs"], exclude_characters="/"), min_size=1)
-       .filter(lambda text: text not in PUBLISHED_DAYS))
-def test_any_device_id(app, client, device_id):
-    before = stored(app)
-    quoted = urllib.parse.quote(device_id, safe="")
-    for method, path in (("POST", heartbeat_url(quoted)), ("POST", stats_url(quoted)),
-                         ("GET", stats_url(quoted)), ("GET", f"/debug/stats/{quoted}")):
-        response = client.open(path, method=method, json={"sent_at": SENT_AT, "upload_time": 1})
-        assert (response.status_code, response.content_type) == (404, "application/json")
-    assert stored(app) == before
+# --- A real server ------------------------------------------------------------------------
 
 
-def minute_by_strptime(sent_at):
-    """The UTC minute of an accepted sent_at, worked out apart from utc_minute."""
-    local = datetime.strptime(sent_at[:16], "%Y-%m-%dT%H:%M")
-    offset = timedelta(0)
-    if not sent_at.endswith("Z"):
-        offset = timedelta(hours=int(sent_at[-5:-3]), minutes=int(sent_at[-2:]))
-        offset = -offset if sent_at[-6] == "-" else offset
-    return (local - offset - datetime(1970, 1, 1)) // timedelta(minutes=1)
+def test_the_simulators_day_from_16_clients_over_waitress_gives_its_published_table(app):
+    """Every vendor device's day dealt out to 16 clients, so that each device is written
+    from several connections at once, through fleetmon's own waitress server; then the
+    table the simulator publishes, as it prints it."""
+    telemetry = [event for device_id in PUBLISHED_DAYS for event in simulated_day(device_id)]
+    with waitress_server(app) as port:
+
+        def send_share(share):
+            with closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
+                return [http_request(connection, "POST", event.path, event.body) for event in share]
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = [answer for share in pool.map(send_share, [telemetry[i::16] for i in range(16)])
+                       for answer in share]
+        assert answers == [(204, b"")] * len(telemetry)
+
+        table = {}
+        with closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
+            for device_id in PUBLISHED_DAYS:
+                status, body = http_request(connection, "GET", stats_url(device_id))
+                stats = json.loads(body)
+                table[device_id] = (status, f"{stats['uptime']:.5f}", stats["avg_upload_time"])
+    assert table == {device_id: (200, published.uptime, published.avg_upload_time)
+                     for device_id, published in PUBLISHED_DAYS.items()}
 
 
-@given(sent_at=st.text() | near_valid_sent_at)
-def test_any_sent_at(app, client, sent_at):
-    before = stored(app)
-    response = client.post(heartbeat_url(), json={"sent_at": sent_at})
-    assert response.status_code in (204, 400)
-    assert_answered_safely(app, response, before)
-    if response.status_code == 204:
-        assert minute_by_strptime(sent_at) in stored_minutes(app)
+def test_every_acknowledged_heartbeat_survives_kill_9(tmp_path):
+    database = tmp_path / "fleetmon.db"
+    first_minute = utc_minute("2024-01-01T10:00:00Z")
+    acknowledged = []
+    enough = threading.Event()
+
+    with server_process("--port", "0", "--db", str(database)) as (process, port, printed, _):
+        url = f"http://127.0.0.1:{port}"
+        assert printed == [
+            f"fleetmon: 5 devices from {DEVICES_CSV}, database {database}\n",
+            "fleetmon: a device is down after 5m unheard\n",
+            f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)\n",
+        ]
+
+        def stream():
+            try:
+                with closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
+                    for minute in range(first_minute, first_minute + 100_000):
+                        if http_request(connection, "POST", *heartbeat(minute_to_rfc3339(minute))) == (204, b""):
+                            acknowledged.append(minute)
+                        if len(acknowledged) >= 300:
+                            enough.set()
+            except (OSError, HTTPException):
+                pass  # the server was killed mid-request
+            finally:
+                enough.set()
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert enough.wait(timeout=60)
+        process.kill()
+        process.wait()
+        streamer.join(timeout=60)
+        assert not streamer.is_alive()
+
+    assert len(acknowledged) >= 300
+    with open_app(database) as restarted:
+        minutes = set(stored_minutes(restarted))
+        assert minutes.issuperset(acknowledged)
+        debug = restarted.test_client().get(f"/debug/stats/{DEVICE}").get_json()
+        assert debug["online_minutes"] == len(minutes)  # the aggregates committed with the rows
 
 
-# --- A real server: connections, limits and malformed HTTP -------------------------------
+# --- A real server: connections, limits and malformed HTTP --------------------------------
 
 
 def raw_exchange(port, data, timeout=10):
@@ -1050,7 +1343,7 @@ def test_a_double_slash_is_an_unknown_path_not_a_redirect(app):
     assert b"Content-Type: application/json" in answer
 
 
-# --- A real server: connection slots -------------------------------------------------------
+# --- A real server: connection slots ------------------------------------------------------
 #
 # The server's clocks are driven by hand here: it checks its connections only when a test
 # calls maintenance() (cleanup_interval is an hour), always in the server's own loop thread
@@ -1311,7 +1604,7 @@ def test_a_connection_with_a_request_come_but_unread_is_not_shed(small_app):
         assert on_loop(server, lambda: channel_of(server, third)) is not None
 
 
-# --- Start-up mistakes ----------------------------------------------------------------------
+# --- Start-up mistakes --------------------------------------------------------------------
 
 
 def start_with(capsys, *args):
@@ -1358,66 +1651,7 @@ def test_one_device_is_one_device_in_the_start_line(tmp_path):
         assert printed[0] == f"fleetmon: 1 device from {devices}, database {tmp_path / 'x.db'}\n"
 
 
-# --- Recovering from a database error -------------------------------------------------------
-
-
-def read_only(database):
-    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-    db.row_factory = sqlite3.Row
-    return db
-
-
-def on_a_full_disk(database, connect=fleetmon.connect):  # the real one, not a test's stand-in
-    db = connect(database)
-    db.execute("PRAGMA max_page_count = 1")  # no more pages than it has: a write that needs one fails
-    return db
-
-
-@pytest.mark.parametrize("broken_connect", [read_only, on_a_full_disk])
-def test_after_a_write_fails_the_next_request_starts_afresh(app, client, monkeypatch, broken_connect):
-    """As when the database file was read-only, or the disk full, and then mended."""
-    app.config["PROPAGATE_EXCEPTIONS"] = False  # answer 500 as in production
-    real_connect = fleetmon.connect
-    monkeypatch.setattr(fleetmon, "connect", broken_connect)
-    hours = fill_until_a_write_fails(client)
-    monkeypatch.setattr(fleetmon, "connect", real_connect)
-    send(client, heartbeat(minute_of_day(60 * hours)))
-    assert len(stored_minutes(app)) == hours + 1
-
-
-def fill_until_a_write_fails(client):
-    """Heartbeats, each in an hour of its own (a row of its own), until one is a 500;
-    returns how many were stored."""
-    hours = 0
-    while client.post(heartbeat_url(), json={"sent_at": minute_of_day(60 * hours)}).status_code == 204:
-        hours += 1
-        assert hours < 1_000, "the broken connection never failed"
-    return hours
-
-
-# --- The debug views, a page at a time ------------------------------------------------------
-
-
-def test_debug_devices_come_a_page_at_a_time(client):
-    seen, url = [], "/debug/devices?limit=2"
-    while url:
-        answer = client.get(url).get_json()
-        seen.append([device["device_id"] for device in answer["devices"]])
-        url = answer["next"]
-    assert seen == [sorted(PUBLISHED_DAYS)[0:2], sorted(PUBLISHED_DAYS)[2:4], sorted(PUBLISHED_DAYS)[4:5]]
-
-
-def test_debug_devices_has_no_next_page_after_the_last_device(client):
-    assert client.get("/debug/devices?limit=5").get_json()["next"] is None
-
-
-@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=ten", "limit=-1", "limit=²"])
-def test_debug_devices_limit_is_1_to_1000(client, query):
-    response = client.get(f"/debug/devices?{query}")
-    assert (response.status_code, response.get_json()) == (400, {"msg": "limit must be a whole number from 1 to 1000"})
-
-
-# --- Activity in the server window ---------------------------------------------------------
+# --- The server window --------------------------------------------------------------------
 
 
 def test_activity_is_one_line_per_interval_and_nothing_while_idle(app, client):
@@ -1438,7 +1672,29 @@ def test_activity_is_one_line_per_interval_and_nothing_while_idle(app, client):
     assert activity.take_line(123.5) is None
 
 
-# --- simulator.py ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("host", "shown"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("localhost", "localhost")])
+def test_an_ipv6_address_is_bracketed_in_a_url(host, shown):
+    assert fleetmon.url_host(host) == shown
+
+
+def test_stopping_prints_the_last_activity_and_a_closing_line(app, capsys, monkeypatch):
+    real_create_server = fleetmon.create_server
+
+    def server_stopped_by_ctrl_c(app, host, port):
+        server = real_create_server(app, host, port)
+        def run():  # waitress's run() returns when Ctrl+C stops it; before that, one request
+            app.test_client().post(heartbeat_url(), json={"sent_at": SENT_AT})
+        server.run = run
+        return server
+
+    monkeypatch.setattr(fleetmon, "create_server", server_stopped_by_ctrl_c)
+    fleetmon.serve(app, "127.0.0.1", 0, down_after_seconds=60, alert_url=None)
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"fleetmon: last \d+ s: 1 heartbeats, 0 uploads, 0 stats reads, 0 rejected", out[-2])
+    assert out[-1] == "fleetmon: stopped"
+
+
+# --- simulator.py -------------------------------------------------------------------------
 
 
 def simulate(*args):
@@ -1807,7 +2063,180 @@ def test_live_sends_telemetry_stamped_now_until_ctrl_c(app, capsys, monkeypatch)
     assert all(stored_uploads(app, device_id) for device_id in PUBLISHED_DAYS)
 
 
-# --- The fleet page ----------------------------------------------------------------------------
+# --- Who is down: status, outages and alerts ----------------------------------------------
+
+
+class Clock:
+    """time.monotonic() as a test sets it."""
+
+    def __init__(self, now=1_000.0):
+        self.now = now
+
+
+@contextmanager
+def watching(app, down_after=60, clock=None):
+    """The app's watch on who is down, on a clock the test moves; yields (watch, db, clock, lines)."""
+    clock = clock or Clock()
+    lines = []
+    with closing(fleetmon.connect(app.config["DATABASE"])) as db:
+        watch = fleetmon.Watch(db, down_after, clock.now, announce=lines.append)
+
+        def listener(device):
+            watch.heard(device, clock.now)
+
+        app.extensions["fleetmon.heard"].append(listener)
+        try:
+            yield watch, db, clock, lines
+        finally:
+            app.extensions["fleetmon.heard"].remove(listener)
+
+
+def check_after(watching_tuple, seconds):
+    watch, db, clock, _ = watching_tuple
+    clock.now += seconds
+    return watch.check(db, clock.now, fleetmon.now_ms())
+
+
+def device_json(client, device_id=DEVICE):
+    response = client.get(f"/api/v1/devices/{device_id}")
+    assert response.status_code == 200
+    return response.get_json()
+
+
+def test_a_device_not_heard_for_the_down_after_time_is_down_and_up_again_when_heard(app, client):
+    with watching(app, down_after=60) as watched:
+        assert device_json(client)["status"] == "never"
+        send(client, heartbeat(SENT_AT))
+        heard = device_json(client)
+        assert (heard["status"], heard["down_since"], heard["outages"]) == ("up", None, [])
+        assert check_after(watched, 59.9) == 0
+        assert check_after(watched, 0.1) == 1
+        down = device_json(client)
+        assert (down["status"], down["down_since"]) == ("down", heard["last_heard"])
+        assert down["outages"] == [{"started": heard["last_heard"], "ended": None, "seconds": None}]
+        assert re.fullmatch(rf"fleetmon: {DEVICE} is down \(last heard \d\d:\d\d:\d\d UTC, \d+s ago\)", watched[3][0])
+        assert check_after(watched, 600) == 0  # said once
+
+        send(client, upload(5))  # an upload is heard too
+        up = device_json(client)
+        assert (up["status"], up["down_since"]) == ("up", None)
+        assert up["outages"][0]["started"] == heard["last_heard"] and up["outages"][0]["ended"] == up["last_heard"]
+        assert re.fullmatch(rf"fleetmon: {DEVICE} is up again after \d+s", watched[3][1])
+    with closing(sqlite3.connect(app.config["DATABASE"])) as db:
+        assert [status for (status,) in db.execute("SELECT status FROM alerts ORDER BY id")] == ["down", "up"]
+
+
+def test_after_a_restart_no_device_is_down_before_the_down_after_time(app, client):
+    with watching(app, down_after=60):
+        send(client, heartbeat(SENT_AT))  # heard, then fleetmon stops for a long while
+    with watching(app, down_after=60, clock=Clock(now=50_000.0)) as restarted:
+        assert check_after(restarted, 59) == 0
+        assert device_json(client)["status"] == "up"
+        assert check_after(restarted, 1) == 1
+        assert device_json(client)["status"] == "down"
+
+
+class WallClock:
+    """fleetmon.now_ms() as a test sets it: 2024-01-01T10:04:00Z to start with."""
+
+    def __init__(self, monkeypatch, ms=1_704_103_440_000):
+        self.ms = ms
+        monkeypatch.setattr(fleetmon, "now_ms", lambda: self.ms)
+
+
+def test_a_device_heard_again_before_it_is_declared_down_stays_up(app, client, monkeypatch):
+    wall = WallClock(monkeypatch)
+    with watching(app, down_after=60) as (_, db, _, lines):
+        send(client, heartbeat(SENT_AT))
+        key = db.execute("SELECT device_key FROM devices WHERE device_id = ?", (DEVICE,)).fetchone()[0]
+        first_heard = wall.ms
+        wall.ms += 1_000
+        send(client, heartbeat(SENT_AT))  # heard again just after the watch took its deadline
+        assert fleetmon.mark_down(db, key, first_heard, wall.ms + 60_000) is None
+        assert device_json(client)["status"] == "up" and lines == []
+
+
+@pytest.mark.parametrize(("ms", "text"), [(0, "0s"), (999, "0s"), (45_000, "45s"), (300_000, "5m"),
+                                          (432_000, "7m12s"), (7_500_000, "2h5m"), (90_000_000, "1d1h"),
+                                          (-5, "0s")])
+def test_short_duration(ms, text):
+    assert fleetmon.short_duration(ms) == text
+
+
+@pytest.mark.parametrize(("ns", "text"), [(0, "0 ns"), (999, "999 ns"), (1_500, "2 µs"), (850_000_000, "850 ms"),
+                                          (45_240_000_000, "45.2 s"), (201_858_747_766, "3 min 22 s"),
+                                          (3_900_000_000_000, "1 h 5 min")])
+def test_human_duration(ns, text):
+    assert fleetmon.human_duration(ns) == text
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("1.5h", 5400), ("90", 90), ("0.5", 0.5)])
+def test_down_after_takes_seconds_or_a_unit(text, seconds):
+    assert fleetmon.seconds_argument(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "5x", "-5s", "0", "nan", "inf", "1e999h"])
+def test_down_after_refuses_what_is_no_time(tmp_path, capsys, text):
+    with pytest.raises(SystemExit):
+        fleetmon.main([f"--down-after={text}", "--db", str(tmp_path / "x.db")])
+    assert "is not a time: give seconds, or a number with s, m or h, like 5m" in capsys.readouterr().err
+
+
+def test_online_runs_from_the_bits_of_each_hour():
+    full = fleetmon.FULL_HOUR
+    assert fleetmon.online_runs([(0, 0b110)], 0, 3) == [(False, 0, 0), (True, 1, 2), (False, 3, 3)]
+    assert fleetmon.online_runs([(1, full), (2, full), (4, 1)], 30, 241) == [
+        (False, 30, 59), (True, 60, 179), (False, 180, 239), (True, 240, 240), (False, 241, 241)]
+    assert fleetmon.online_runs([], 5, 9) == [(False, 5, 9)]
+
+
+# --- The fleet's API and device pages -----------------------------------------------------
+
+
+def test_the_devices_list_by_status_a_page_at_a_time(app, client):
+    with watching(app, down_after=60) as watched:
+        send(client, heartbeat(SENT_AT, "18-b8-87-e7-1f-06"), heartbeat(SENT_AT, "26-9a-66-01-33-83"))
+        check_after(watched, 60)
+        send(client, heartbeat(SENT_AT, "26-9a-66-01-33-83"), upload(1_500, device_id=DEVICE))
+
+    def ids(query):
+        response = client.get(f"/api/v1/devices{query}")
+        assert response.status_code == 200
+        return [d["device_id"] for d in response.get_json()["devices"]], response.get_json()["next"]
+
+    assert ids("?status=down") == (["18-b8-87-e7-1f-06"], None)
+    assert ids("?status=up") == (["26-9a-66-01-33-83", DEVICE], None)
+    assert ids("?status=never") == (["38-4e-73-e0-33-59", OTHER_DEVICE], None)
+    first, next_url = ids("?limit=2")
+    assert (first, next_url) == (["18-b8-87-e7-1f-06", "26-9a-66-01-33-83"],
+                                 "/api/v1/devices?after=26-9a-66-01-33-83&limit=2")
+    assert ids(next_url.removeprefix("/api/v1/devices")) == (
+        ["38-4e-73-e0-33-59", DEVICE], f"/api/v1/devices?after={DEVICE}&limit=2")
+    device = client.get("/api/v1/devices?status=up").get_json()["devices"][1]
+    assert device == {"device_id": DEVICE, "status": "up", "last_heard": device["last_heard"], "down_since": None,
+                      "history_kept_from": None, "uptime": 0.0, "avg_upload_time": "1.5µs"}
+    for query in ("?status=late", "?limit=0", "?limit=1001", "?limit=" + "9" * 5000):
+        response = client.get(f"/api/v1/devices{query}")
+        assert response.status_code == 400, query
+
+
+def test_each_device_has_a_page_for_a_browser_and_json_for_an_api_client(app, client, monkeypatch):
+    wall = WallClock(monkeypatch)
+    with watching(app, down_after=60) as watched:
+        send_day(client, simulated_day(DEVICE)[:50])
+        wall.ms += 61_000
+        check_after(watched, 61)
+        wall.ms += 60_000
+        page = client.get(f"/devices/{DEVICE}", headers=HTML)
+        assert (page.status_code, page.content_type, page.headers["Vary"]) == (200, "text/html; charset=utf-8", "Accept")
+        text = page.get_data(as_text=True)
+        assert '<span class="pill down">down</span> <span class="since">down for 2m1s</span>' in text
+        assert "<td>still down</td>" in text and '<td class="num">2m1s so far</td>' in text  # its open outage
+        assert client.get(f"/devices/{DEVICE}").get_json() == device_json(client)
+    assert client.get("/devices/unknown", headers=HTML).status_code == 404
+
+
+# --- The fleet page -----------------------------------------------------------------------
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}  # as browsers send
 
@@ -1963,343 +2392,25 @@ def test_a_page_of_the_fleet_is_a_walk_along_an_index(app):
     assert "TEMP B-TREE" not in plan  # no sort of the whole fleet
 
 
-# --- Upgrading a database written by an earlier fleetmon ----------------------------------
-
-# The layout of every fleetmon before schema versions (user_version 0): a row per online
-# minute and per upload, each with the text id, the aggregates kept by triggers.
-FIRST_LAYOUT = """
-PRAGMA journal_mode = WAL;
-CREATE TABLE heartbeat_minutes (device_id TEXT NOT NULL, minute INTEGER NOT NULL,
-                                PRIMARY KEY (device_id, minute)) WITHOUT ROWID;
-CREATE TABLE uploads (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, sent_at TEXT NOT NULL,
-                      upload_time_ns INTEGER NOT NULL CHECK (upload_time_ns >= 0));
-CREATE TABLE listed_devices (device_id TEXT PRIMARY KEY) WITHOUT ROWID;
-CREATE TABLE device_stats (device_id TEXT PRIMARY KEY, online_minutes INTEGER NOT NULL DEFAULT 0,
-                           first_minute INTEGER, last_minute INTEGER, upload_count INTEGER NOT NULL DEFAULT 0,
-                           upload_total_ns INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
-CREATE TRIGGER count_online_minute AFTER INSERT ON heartbeat_minutes BEGIN
-    UPDATE device_stats SET online_minutes = online_minutes + 1,
-        first_minute = min(coalesce(first_minute, NEW.minute), NEW.minute),
-        last_minute = max(coalesce(last_minute, NEW.minute), NEW.minute)
-    WHERE device_id = NEW.device_id;
-END;
-CREATE TRIGGER add_upload AFTER INSERT ON uploads BEGIN
-    UPDATE device_stats SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + NEW.upload_time_ns
-    WHERE device_id = NEW.device_id;
-END;
-"""
-
-
-def first_layout_database(path, days):
-    """A database as the first layout's fleetmon left it, holding days {device: telemetry}."""
-    with closing(sqlite3.connect(path, isolation_level=None)) as db:
-        db.executescript(FIRST_LAYOUT)
-        db.executemany("INSERT INTO device_stats (device_id) VALUES (?)", ((d,) for d in PUBLISHED_DAYS))
-        db.executemany("INSERT INTO listed_devices (device_id) VALUES (?)", ((d,) for d in PUBLISHED_DAYS))
-        for device_id, telemetry in days.items():
-            for event in telemetry:
-                if event.path.endswith("/heartbeat"):
-                    db.execute("INSERT OR IGNORE INTO heartbeat_minutes VALUES (?, ?)",
-                               (device_id, utc_minute(event.body["sent_at"])))
-                else:
-                    db.execute("INSERT INTO uploads (device_id, sent_at, upload_time_ns) VALUES (?, ?, ?)",
-                               (device_id, event.body["sent_at"], event.body["upload_time"]))
-        stats = {
-            device_id: fleetmon.device_stats(fleetmon.Aggregates(*row))
-            for device_id, *row in db.execute("SELECT * FROM device_stats")
-        }
-    return stats
-
-
-def everything_in(path):
-    """The whole database, schema and rows, to show it was left as it was."""
-    with closing(sqlite3.connect(path)) as db:
-        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")]
-        return (db.execute("PRAGMA user_version").fetchone(), db.execute("SELECT * FROM sqlite_schema").fetchall(),
-                {table: db.execute(f"SELECT * FROM {table}").fetchall() for table in tables})
-
-
-class Event(typing.NamedTuple):
-    path: str
-    body: dict
-
-
-ODD_DAYS = {
-    # uploads only, sent with offsets; heartbeats only, one before 1970; one minute alone
-    "60-6b-44-84-dc-64": [Event("/stats", {"sent_at": "2024-01-01T12:04:59.999999999+02:00", "upload_time": 7}),
-                          Event("/stats", {"sent_at": "2024-01-01T05:04:00-05:00", "upload_time": INT64_MAX - 7})],
-    "b4-45-52-a2-f1-3c": [Event("/heartbeat", {"sent_at": "1969-12-31T23:59:00Z"}),
-                          Event("/heartbeat", {"sent_at": "1970-01-01T00:00:00Z"}),
-                          Event("/heartbeat", {"sent_at": "1970-01-01T01:30:00Z"})],
-    "26-9a-66-01-33-83": [Event("/heartbeat", {"sent_at": "2024-01-01T10:04:00Z"})],
-}
-
-
-@pytest.mark.parametrize("days", [{d: simulated_day(d) for d in PUBLISHED_DAYS}, ODD_DAYS], ids=["the simulator's day", "odd cases"])
-def test_a_first_layout_database_is_upgraded_with_identical_stats(tmp_path, days):
-    database = tmp_path / "old.db"
-    before = first_layout_database(database, days)
-    with open_app(database) as app:
-        client = app.test_client()
-        after = {device_id: client.get(stats_url(device_id)).get_json() for device_id in PUBLISHED_DAYS}
-        assert re.fullmatch(rf"upgraded database {re.escape(str(database))} from schema version 0 to 1: "
-                            r"[\d,]+ rows in \d+\.\d s", app.config["UPGRADED"])
-        for device_id, telemetry in days.items():  # the raw telemetry came along too
-            minutes = {utc_minute(e.body["sent_at"]) for e in telemetry if e.path.endswith("/heartbeat")}
-            assert stored_minutes(app, device_id) == sorted(minutes)
-            uploads = [e.body for e in telemetry if e.path.endswith("/stats")]
-            assert stored_uploads(app, device_id) == [
-                (number, int(fleetmon.utc_datetime(body["sent_at"]).timestamp()), body["upload_time"])
-                for number, body in enumerate(uploads, start=1)]
-    assert after == before
-    with open_app(database) as again:  # and the next start has nothing to upgrade
-        assert again.config["UPGRADED"] is None
-
-
-def test_a_failed_upgrade_leaves_the_database_as_it_was(tmp_path):
-    database = tmp_path / "old.db"
-    first_layout_database(database, ODD_DAYS)
-    with closing(sqlite3.connect(database)) as db:
-        db.execute("CREATE TABLE online_hours (x)")  # in the way of the upgrade, half-way through
-    before = everything_in(database)
-    with pytest.raises(StartupError) as refused:
-        create_app(database=database)
-    assert str(refused.value) == (f"cannot upgrade database {database} from schema version 0: "
-                                  "table online_hours already exists; it is left as it was")
-    assert everything_in(database) == before
-
-
-def test_a_database_from_a_newer_fleetmon_is_refused_untouched(tmp_path, capsys):
-    database = tmp_path / "newer.db"
-    with closing(sqlite3.connect(database)) as db:
-        db.execute("CREATE TABLE from_the_future (x)")
-        db.execute("PRAGMA user_version = 2")
-    before = database.read_bytes()
-    refusal = (f"fleetmon: database {database} was written by a newer fleetmon (schema version 2, this one knows "
-               "up to 1); it is left as it was\n")
-    assert start_with(capsys, "--db", database) == (1, refusal)
-    assert database.read_bytes() == before
-
-
-# --- Retention ----------------------------------------------------------------------------------
-
-
-def prune_all(app, keep_days):
-    with closing(fleetmon.connect(app.config["DATABASE"])) as db:
-        pruning = fleetmon.Pruning(keep_days)
-        steps = 0
-        while pruning.step(db):
-            steps += 1
-    return steps
-
-
-def test_pruning_keeps_the_stats_and_refuses_what_it_pruned(tmp_path, monkeypatch):
-    monkeypatch.setattr(fleetmon, "PRUNE_ROWS_PER_STEP", 10)  # many small steps
-    with open_app(tmp_path / "fleetmon.db") as app:
-        client = app.test_client()
-        day = 24 * 60
-        sent = [minute_of_day(minute) for minute in range(0, 4 * day, 7)]
-        send(client, *(heartbeat(sent_at) for sent_at in sent), *(upload(n, sent_at) for n, sent_at in enumerate(sent)))
-        send(client, *(heartbeat(sent_at, OTHER_DEVICE) for sent_at in sent[:50]))
-        stats = {device_id: client.get(stats_url(device_id)).get_json() for device_id in (DEVICE, OTHER_DEVICE)}
-        other_before = (stored_minutes(app, OTHER_DEVICE), stored_uploads(app, OTHER_DEVICE))
-
-        assert prune_all(app, keep_days=1) > 10
-        newest = utc_minute(sent[-1])
-        kept_from = (newest - day) // 60 * 60  # a whole hour
-        assert stored_minutes(app) == [m for m in map(utc_minute, sent) if m >= kept_from]
-        assert [upload[1] // 60 for upload in stored_uploads(app)] == [m for m in map(utc_minute, sent) if m >= kept_from]
-        assert {device_id: client.get(stats_url(device_id)).get_json() for device_id in stats} == stats
-        # The other device's history is its own: its newest minute is days older, and all of it is kept.
-        assert (stored_minutes(app, OTHER_DEVICE), stored_uploads(app, OTHER_DEVICE)) == other_before
-
-        before = stored(app)
-        late = minute_to_rfc3339(kept_from - 1)
-        message = (f"sent_at is before {minute_to_rfc3339(kept_from)}, where this device's kept history begins "
-                   "(older telemetry is pruned); nothing was stored")
-        for path, body in (heartbeat(sent[0]), heartbeat(late), upload(5, late)):
-            response = client.post(path, json=body)
-            assert (response.status_code, response.get_json()) == (409, {"msg": message})
-        assert stored(app) == before
-        send(client, heartbeat(minute_to_rfc3339(kept_from)))  # the first minute kept is taken
-        assert client.get(f"/debug/stats/{DEVICE}").get_json()["history_kept_from"] == minute_to_rfc3339(kept_from)
-        assert prune_all(app, keep_days=1) == 0  # nothing more until its window moves an hour on
-
-
-# --- Who is down: status, outages and alerts --------------------------------------------------------
-
-
-class Clock:
-    """time.monotonic() as a test sets it."""
-
-    def __init__(self, now=1_000.0):
-        self.now = now
-
-
-@contextmanager
-def watching(app, down_after=60, clock=None):
-    """The app's watch on who is down, on a clock the test moves; yields (watch, db, clock, lines)."""
-    clock = clock or Clock()
-    lines = []
-    with closing(fleetmon.connect(app.config["DATABASE"])) as db:
-        watch = fleetmon.Watch(db, down_after, clock.now, announce=lines.append)
-
-        def listener(device):
-            watch.heard(device, clock.now)
-
-        app.extensions["fleetmon.heard"].append(listener)
-        try:
-            yield watch, db, clock, lines
-        finally:
-            app.extensions["fleetmon.heard"].remove(listener)
-
-
-def check_after(watching_tuple, seconds):
-    watch, db, clock, _ = watching_tuple
-    clock.now += seconds
-    return watch.check(db, clock.now, fleetmon.now_ms())
-
-
-def device_json(client, device_id=DEVICE):
-    response = client.get(f"/api/v1/devices/{device_id}")
-    assert response.status_code == 200
-    return response.get_json()
-
-
-def test_a_device_not_heard_for_the_down_after_time_is_down_and_up_again_when_heard(app, client):
-    with watching(app, down_after=60) as watched:
-        assert device_json(client)["status"] == "never"
-        send(client, heartbeat(SENT_AT))
-        heard = device_json(client)
-        assert (heard["status"], heard["down_since"], heard["outages"]) == ("up", None, [])
-        assert check_after(watched, 59.9) == 0
-        assert check_after(watched, 0.1) == 1
-        down = device_json(client)
-        assert (down["status"], down["down_since"]) == ("down", heard["last_heard"])
-        assert down["outages"] == [{"started": heard["last_heard"], "ended": None, "seconds": None}]
-        assert re.fullmatch(rf"fleetmon: {DEVICE} is down \(last heard \d\d:\d\d:\d\d UTC, \d+s ago\)", watched[3][0])
-        assert check_after(watched, 600) == 0  # said once
-
-        send(client, upload(5))  # an upload is heard too
-        up = device_json(client)
-        assert (up["status"], up["down_since"]) == ("up", None)
-        assert up["outages"][0]["started"] == heard["last_heard"] and up["outages"][0]["ended"] == up["last_heard"]
-        assert re.fullmatch(rf"fleetmon: {DEVICE} is up again after \d+s", watched[3][1])
-    with closing(sqlite3.connect(app.config["DATABASE"])) as db:
-        assert [status for (status,) in db.execute("SELECT status FROM alerts ORDER BY id")] == ["down", "up"]
-
-
-def test_after_a_restart_no_device_is_down_before_the_down_after_time(app, client):
-    with watching(app, down_after=60):
-        send(client, heartbeat(SENT_AT))  # heard, then fleetmon stops for a long while
-    with watching(app, down_after=60, clock=Clock(now=50_000.0)) as restarted:
-        assert check_after(restarted, 59) == 0
-        assert device_json(client)["status"] == "up"
-        assert check_after(restarted, 1) == 1
-        assert device_json(client)["status"] == "down"
-
-
-class WallClock:
-    """fleetmon.now_ms() as a test sets it: 2024-01-01T10:04:00Z to start with."""
-
-    def __init__(self, monkeypatch, ms=1_704_103_440_000):
-        self.ms = ms
-        monkeypatch.setattr(fleetmon, "now_ms", lambda: self.ms)
-
-
-def test_a_device_heard_again_before_it_is_declared_down_stays_up(app, client, monkeypatch):
+def test_the_fleet_page_leads_with_the_devices_down_longest(app, client, monkeypatch):
     wall = WallClock(monkeypatch)
-    with watching(app, down_after=60) as (_, db, _, lines):
-        send(client, heartbeat(SENT_AT))
-        key = db.execute("SELECT device_key FROM devices WHERE device_id = ?", (DEVICE,)).fetchone()[0]
-        first_heard = wall.ms
-        wall.ms += 1_000
-        send(client, heartbeat(SENT_AT))  # heard again just after the watch took its deadline
-        assert fleetmon.mark_down(db, key, first_heard, wall.ms + 60_000) is None
-        assert device_json(client)["status"] == "up" and lines == []
-
-
-@pytest.mark.parametrize(("ms", "text"), [(0, "0s"), (999, "0s"), (45_000, "45s"), (300_000, "5m"),
-                                          (432_000, "7m12s"), (7_500_000, "2h5m"), (90_000_000, "1d1h"),
-                                          (-5, "0s")])
-def test_short_duration(ms, text):
-    assert fleetmon.short_duration(ms) == text
-
-
-@pytest.mark.parametrize(("ns", "text"), [(0, "0 ns"), (999, "999 ns"), (1_500, "2 µs"), (850_000_000, "850 ms"),
-                                          (45_240_000_000, "45.2 s"), (201_858_747_766, "3 min 22 s"),
-                                          (3_900_000_000_000, "1 h 5 min")])
-def test_human_duration(ns, text):
-    assert fleetmon.human_duration(ns) == text
-
-
-@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("1.5h", 5400), ("90", 90), ("0.5", 0.5)])
-def test_down_after_takes_seconds_or_a_unit(text, seconds):
-    assert fleetmon.seconds_argument(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "m", "5x", "-5s", "0", "nan", "inf", "1e999h"])
-def test_down_after_refuses_what_is_no_time(tmp_path, capsys, text):
-    with pytest.raises(SystemExit):
-        fleetmon.main([f"--down-after={text}", "--db", str(tmp_path / "x.db")])
-    assert "is not a time: give seconds, or a number with s, m or h, like 5m" in capsys.readouterr().err
-
-
-def test_online_runs_from_the_bits_of_each_hour():
-    full = fleetmon.FULL_HOUR
-    assert fleetmon.online_runs([(0, 0b110)], 0, 3) == [(False, 0, 0), (True, 1, 2), (False, 3, 3)]
-    assert fleetmon.online_runs([(1, full), (2, full), (4, 1)], 30, 241) == [
-        (False, 30, 59), (True, 60, 179), (False, 180, 239), (True, 240, 240), (False, 241, 241)]
-    assert fleetmon.online_runs([], 5, 9) == [(False, 5, 9)]
-
-
-# --- The fleet's API and device pages -------------------------------------------------------
-
-
-def test_the_devices_list_by_status_a_page_at_a_time(app, client):
+    first_down, then_down, up = "26-9a-66-01-33-83", "18-b8-87-e7-1f-06", "b4-45-52-a2-f1-3c"
     with watching(app, down_after=60) as watched:
-        send(client, heartbeat(SENT_AT, "18-b8-87-e7-1f-06"), heartbeat(SENT_AT, "26-9a-66-01-33-83"))
-        check_after(watched, 60)
-        send(client, heartbeat(SENT_AT, "26-9a-66-01-33-83"), upload(1_500, device_id=DEVICE))
-
-    def ids(query):
-        response = client.get(f"/api/v1/devices{query}")
-        assert response.status_code == 200
-        return [d["device_id"] for d in response.get_json()["devices"]], response.get_json()["next"]
-
-    assert ids("?status=down") == (["18-b8-87-e7-1f-06"], None)
-    assert ids("?status=up") == (["26-9a-66-01-33-83", DEVICE], None)
-    assert ids("?status=never") == (["38-4e-73-e0-33-59", OTHER_DEVICE], None)
-    first, next_url = ids("?limit=2")
-    assert (first, next_url) == (["18-b8-87-e7-1f-06", "26-9a-66-01-33-83"],
-                                 "/api/v1/devices?after=26-9a-66-01-33-83&limit=2")
-    assert ids(next_url.removeprefix("/api/v1/devices")) == (
-        ["38-4e-73-e0-33-59", DEVICE], f"/api/v1/devices?after={DEVICE}&limit=2")
-    device = client.get("/api/v1/devices?status=up").get_json()["devices"][1]
-    assert device == {"device_id": DEVICE, "status": "up", "last_heard": device["last_heard"], "down_since": None,
-                      "history_kept_from": None, "uptime": 0.0, "avg_upload_time": "1.5µs"}
-    for query in ("?status=late", "?limit=0", "?limit=1001", "?limit=" + "9" * 5000):
-        response = client.get(f"/api/v1/devices{query}")
-        assert response.status_code == 400, query
+        send(client, heartbeat(SENT_AT, up), heartbeat(minute_of_day(10), up), heartbeat(SENT_AT, first_down))
+        for heard in ([then_down, up], [up], [up]):  # 30 s apart: the first down at 60 s, the second at 90 s
+            wall.ms += 30_000
+            check_after(watched, 30)
+            send(client, *(heartbeat(SENT_AT, device_id) for device_id in heard))
+        wall.ms += 30_000
+        page = fleet_page(client)
+    assert listed_ids(page)[:3] == [first_down, then_down, up]
+    assert summary(page) == {"Devices": "5", "Down": "2", "Up": "1", "Never heard": "2"}
+    assert '<span class="pill down">down</span> <span class="since">down for 2m</span>' in page
+    assert '<span class="pill down">down</span> <span class="since">down for 1m30s</span>' in page
+    assert '<span class="since">last heard 30s ago</span>' in page
 
 
-def test_each_device_has_a_page_for_a_browser_and_json_for_an_api_client(app, client, monkeypatch):
-    wall = WallClock(monkeypatch)
-    with watching(app, down_after=60) as watched:
-        send_day(client, simulated_day(DEVICE)[:50])
-        wall.ms += 61_000
-        check_after(watched, 61)
-        wall.ms += 60_000
-        page = client.get(f"/devices/{DEVICE}", headers=HTML)
-        assert (page.status_code, page.content_type, page.headers["Vary"]) == (200, "text/html; charset=utf-8", "Accept")
-        text = page.get_data(as_text=True)
-        assert '<span class="pill down">down</span> <span class="since">down for 2m1s</span>' in text
-        assert "<td>still down</td>" in text and '<td class="num">2m1s so far</td>' in text  # its open outage
-        assert client.get(f"/devices/{DEVICE}").get_json() == device_json(client)
-    assert client.get("/devices/unknown", headers=HTML).status_code == 404
-
-
-# --- Saying so: alert delivery, /metrics ---------------------------------------------------------
+# --- Saying so: alert delivery, /metrics --------------------------------------------------
 
 
 @contextmanager
@@ -2411,117 +2522,3 @@ def test_metrics_name_each_device_only_in_a_small_fleet(app, client, monkeypatch
     monkeypatch.setattr(fleetmon, "METRICS_PER_DEVICE_UP_TO", 4)
     text = client.get("/metrics").get_data(as_text=True)
     assert "fleetmon_devices{" in text and "fleetmon_device_up" not in text
-
-
-# --- Hardening: a full disk, every query argument and path -------------------------------------
-
-
-def test_a_failing_database_logs_a_line_per_request_and_its_traceback_once(app, client, monkeypatch, caplog):
-    app.config["PROPAGATE_EXCEPTIONS"] = False
-    monkeypatch.setattr(fleetmon, "connect", on_a_full_disk)
-    hours = fill_until_a_write_fails(client)
-    for hour in range(hours + 1, hours + 3):
-        assert client.post(heartbeat_url(), json={"sent_at": minute_of_day(60 * hour)}).status_code == 500
-    failures = [record for record in caplog.records if record.levelname == "ERROR"]
-    assert [record.getMessage() for record in failures] == [
-        f"POST {heartbeat_url()} failed: OperationalError: database or disk is full"] * 3
-    assert [record.exc_info is not None for record in failures] == [True, False, False]
-
-
-def test_the_write_ahead_log_is_cut_back_after_a_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(fleetmon, "WAL_SIZE_LIMIT_BYTES", 32 * 1024)
-    with open_app(tmp_path / "fleetmon.db") as app:
-        client = app.test_client()
-        send(client, *(heartbeat(minute_of_day(60 * hour)) for hour in range(300)))
-        wal = tmp_path / "fleetmon.db-wal"
-        assert wal.stat().st_size > 32 * 1024
-        with closing(fleetmon.connect(app.config["DATABASE"])) as db:
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # what the housekeeping does every few seconds
-        send(client, heartbeat(minute_of_day(0)))  # the log restarts from its beginning, cut back
-        assert wal.stat().st_size <= 32 * 1024
-
-
-query_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=30) | st.from_regex(r"-?\d{1,5000}", fullmatch=True)
-
-
-@given(path=st.sampled_from(["/", "/api/v1/devices", "/debug/devices", f"/devices/{DEVICE}"]),
-       arguments=st.dictionaries(st.sampled_from(["page", "limit", "after", "status", "q"]), query_text, max_size=3),
-       accept=st.sampled_from(["text/html", "application/json"]))
-def test_no_query_argument_reaches_a_500(client, path, arguments, accept):
-    response = client.get(path, query_string=arguments, headers={"Accept": accept})
-    assert response.status_code in (200, 400), (path, arguments, response.status_code)
-    if response.status_code == 400:
-        assert set(response.get_json()) == {"msg"}
-
-
-@given(device_id=st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40),
-       path=st.sampled_from(["/api/v1/devices/{}", "/devices/{}", "/debug/stats/{}", "/api/v1/devices/{}/stats"]))
-def test_no_device_id_in_a_path_reaches_a_500(client, device_id, path):
-    response = client.get(path.format(urllib.parse.quote(device_id, safe="")), headers=HTML)
-    assert response.status_code in (200, 204, 404), (path, device_id)
-
-
-@pytest.mark.parametrize(("host", "shown"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("localhost", "localhost")])
-def test_an_ipv6_address_is_bracketed_in_a_url(host, shown):
-    assert fleetmon.url_host(host) == shown
-
-
-def test_stopping_prints_the_last_activity_and_a_closing_line(app, capsys, monkeypatch):
-    real_create_server = fleetmon.create_server
-
-    def server_stopped_by_ctrl_c(app, host, port):
-        server = real_create_server(app, host, port)
-        def run():  # waitress's run() returns when Ctrl+C stops it; before that, one request
-            app.test_client().post(heartbeat_url(), json={"sent_at": SENT_AT})
-        server.run = run
-        return server
-
-    monkeypatch.setattr(fleetmon, "create_server", server_stopped_by_ctrl_c)
-    fleetmon.serve(app, "127.0.0.1", 0, down_after_seconds=60, alert_url=None)
-    out = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"fleetmon: last \d+ s: 1 heartbeats, 0 uploads, 0 stats reads, 0 rejected", out[-2])
-    assert out[-1] == "fleetmon: stopped"
-
-
-def test_the_fleet_page_leads_with_the_devices_down_longest(app, client, monkeypatch):
-    wall = WallClock(monkeypatch)
-    first_down, then_down, up = "26-9a-66-01-33-83", "18-b8-87-e7-1f-06", "b4-45-52-a2-f1-3c"
-    with watching(app, down_after=60) as watched:
-        send(client, heartbeat(SENT_AT, up), heartbeat(minute_of_day(10), up), heartbeat(SENT_AT, first_down))
-        for heard in ([then_down, up], [up], [up]):  # 30 s apart: the first down at 60 s, the second at 90 s
-            wall.ms += 30_000
-            check_after(watched, 30)
-            send(client, *(heartbeat(SENT_AT, device_id) for device_id in heard))
-        wall.ms += 30_000
-        page = fleet_page(client)
-    assert listed_ids(page)[:3] == [first_down, then_down, up]
-    assert summary(page) == {"Devices": "5", "Down": "2", "Up": "1", "Never heard": "2"}
-    assert '<span class="pill down">down</span> <span class="since">down for 2m</span>' in page
-    assert '<span class="pill down">down</span> <span class="since">down for 1m30s</span>' in page
-    assert '<span class="since">last heard 30s ago</span>' in page
-
-
-def test_concurrent_writers_never_see_database_is_locked(app):
-    """As under `flask run`, a thread a request: writers wait their turn for SQLite's lock."""
-    def write_day(device_id):
-        client = app.test_client()
-        for event in simulated_day(device_id)[:300]:
-            assert client.post(event.path, json=event.body).status_code == 204
-        return client.get(stats_url(device_id)).status_code
-
-    with ThreadPoolExecutor(max_workers=5) as pool:
-        assert list(pool.map(write_day, sorted(PUBLISHED_DAYS))) == [200] * 5
-
-
-def test_a_start_writes_nothing_to_a_database_it_knows(tmp_path):
-    """So that fleetmon starts on a full disk: it needs no room to grow the log."""
-    database = tmp_path / "fleetmon.db"
-    with open_app(database) as app:
-        send(app.test_client(), heartbeat(SENT_AT))
-    with closing(sqlite3.connect(database)) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        before = database.read_bytes()
-        with open_app(database) as restarted:
-            assert restarted.test_client().get(stats_url()).get_json() == {"uptime": 100.0, "avg_upload_time": "0s"}
-            assert Path(f"{database}-wal").stat().st_size == 0
-    assert database.read_bytes() == before
