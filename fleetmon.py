@@ -1115,6 +1115,10 @@ FLEET_PAGE_ROWS = 100
 MAX_FLEET_PAGE = 1_000_000
 FLEET_STRIP_MINUTES = 24 * 60
 DEVICE_STRIP_MINUTES = 7 * 24 * 60
+# A strip is drawn in cells of so many minutes (a divisor of 60), at most 96 on the fleet
+# page and 168 on a device's, so that a page costs the same whatever its devices' gaps.
+FLEET_STRIP_CELL_MINUTES = 15
+DEVICE_STRIP_CELL_MINUTES = 60
 OUTAGES_SHOWN = 20
 # The fleet page's order, as the index devices_by_concern of schema.sql has it, so that a
 # page of it is a walk along that index.
@@ -1127,7 +1131,6 @@ STATUSES = {
     "down": "down_since_ms IS NOT NULL",
     "never": "last_heard_ms IS NULL",
 }
-FULL_HOUR = (1 << 60) - 1
 
 fleet = Blueprint("fleet", __name__)
 
@@ -1289,7 +1292,7 @@ def fleet_page(text: str, page: int) -> str:
 
     return render_template(
         "fleet.html", counts=counts, q=text, page=page, pages=pages,
-        rows=[device_row(db, row, now, FLEET_STRIP_MINUTES) for row in rows],
+        rows=[device_row(db, row, now, FLEET_STRIP_MINUTES, FLEET_STRIP_CELL_MINUTES) for row in rows],
         prev_url=page_url(page - 1), next_url=page_url(page + 1),
         keep_days=current_app.config["KEEP_DAYS"],
     )
@@ -1305,13 +1308,13 @@ def device_page(device_id: str):
         outages = [{**outage, "lasted": short_duration(int(outage["seconds"] * 1000)) if outage["ended"] else
                     f"{short_duration(now - device['down_since_ms'])} so far"}
                    for outage in read_outages(db, device["device_key"])]
-        return render_template("device.html", device=device_row(db, device, now, DEVICE_STRIP_MINUTES),
+        return render_template("device.html", device=device_row(db, device, now, DEVICE_STRIP_MINUTES, DEVICE_STRIP_CELL_MINUTES),
                                outages=outages, keep_days=current_app.config["KEEP_DAYS"])
 
     return negotiated(html, lambda: get_device(device_id))
 
 
-def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minutes: int) -> dict:
+def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minutes: int, cell_minutes: int) -> dict:
     """What a page shows of a device: its view, how long since it was heard, its average
     as a person reads it (the exact one on hover) and its strip of online minutes."""
     view = device_view(device)
@@ -1326,12 +1329,12 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
     if device["online_minutes"]:
         last = device["last_minute"]
         first = max(device["first_minute"], last - strip_minutes + 1)
-        hours = db.execute("SELECT hour, minutes FROM online_hours WHERE device_key = ? AND hour BETWEEN ? AND ?"
-                           " ORDER BY hour", (device["device_key"], first // 60, last // 60)).fetchall()
-        strip = [{"online": online, "minutes": end - start + 1,
-                  "first": minute_to_rfc3339(start), "last": minute_to_rfc3339(end)}
-                 for online, start, end in online_runs(hours, first, last)]
-        online = sum(run["minutes"] for run in strip if run["online"])
+        hours = db.execute("SELECT hour, minutes FROM online_hours WHERE device_key = ? AND hour BETWEEN ? AND ?",
+                           (device["device_key"], first // 60, last // 60)).fetchall()
+        runs = online_runs(dict(hours), first, last, cell_minutes)
+        strip = [{"state": state, "minutes": end - start + 1, "title": run_title(state, start, end, online)}
+                 for state, start, end, online in runs]
+        online = sum(run[3] for run in runs)
         span = last - first  # exclusive, as uptime counts it
         label = f"{min(online, span)} of {span} minute{'s' if span != 1 else ''} online" if span else "1 minute online"
     return {
@@ -1343,37 +1346,44 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
         "average": human_duration(mean_ns(device["upload_total_ns"], device["upload_count"])),
         "strip": strip,
         "strip_label": label,
-        "gaps": sum(1 for run in strip if not run["online"]),
+        "strip_from": minute_to_rfc3339(first) if strip else None,
+        "strip_to": minute_to_rfc3339(last) if strip else None,
+        "gaps": sum(1 for run in strip if run["state"] != "on"),
     }
 
 
-def online_runs(hours: Iterable[tuple[int, int]], first: int, last: int) -> list[tuple[bool, int, int]]:
-    """Every minute from first to last, as runs of (online, first minute, last minute),
-    from (hour, bits) rows in hour order: ([(0, 0b110)], 0, 3) gives
-    [(False, 0, 0), (True, 1, 2), (False, 3, 3)]. A full hour is one step, not sixty."""
-    runs: list[tuple[bool, int, int]] = []
+def online_runs(bits_of_hour: dict[int, int], first: int, last: int, cell_minutes: int) -> list[tuple[str, int, int, int]]:
+    """The minutes from first to last in cells of cell_minutes (a divisor of 60, on the
+    clock's marks), as runs of (state, first minute, last minute, minutes online): "on"
+    and "off" runs of whole cells online or missed, "part" a cell of both. So a strip has
+    a bounded number of runs, however many gaps its device had.
 
-    def add(online: bool, start: int, end: int) -> None:
-        start, end = max(start, first), min(end, last)
-        if start > end:
-            return
-        if runs and runs[-1][0] == online and runs[-1][2] == start - 1:
-            runs[-1] = (online, runs[-1][1], end)
+    ({0: 0b111}, 0, 9, 5) gives [("part", 0, 4, 3), ("off", 5, 9, 0)].
+    """
+    runs: list[tuple[str, int, int, int]] = []
+    for start in range(first - first % cell_minutes, last + 1, cell_minutes):
+        low, high = max(start, first), min(start + cell_minutes - 1, last)
+        hour, offset = divmod(low, 60)
+        width = high - low + 1
+        online = (bits_of_hour.get(hour, 0) >> offset & (1 << width) - 1).bit_count()
+        state = "on" if online == width else "off" if online == 0 else "part"
+        if runs and state != "part" and runs[-1][0] == state:
+            runs[-1] = (state, runs[-1][1], high, runs[-1][3] + online)
         else:
-            runs.append((online, start, end))
-
-    expected = first
-    for hour, bits in hours:
-        start = hour * 60
-        add(False, expected, start - 1)
-        if bits in (0, FULL_HOUR):
-            add(bits == FULL_HOUR, start, start + 59)
-        else:
-            for minute_of_hour in range(60):
-                add(bool(bits >> minute_of_hour & 1), start + minute_of_hour, start + minute_of_hour)
-        expected = start + 60
-    add(False, expected, last)
+            runs.append((state, low, high, online))
     return runs
+
+
+def run_title(state: str, start: int, end: int, online: int) -> str:
+    """A run of the strip, as its tooltip says it: "missed 2024-01-01 10:03–10:04 UTC (2 min)"."""
+    first, last = minute_to_rfc3339(start), minute_to_rfc3339(end)
+    span = f"{first[:10]} {first[11:16]}"
+    if end > start:
+        span += "–" + (f"{last[:10]} " if last[:10] != first[:10] else "") + last[11:16]
+    minutes = end - start + 1
+    if state == "part":
+        return f"{span} UTC: {online} of {minutes} min online"
+    return f"{'online' if state == 'on' else 'missed'} {span} UTC ({minutes} min)"
 
 
 def human_duration(ns: int) -> str:

@@ -2182,12 +2182,13 @@ def test_down_after_refuses_what_is_no_time(tmp_path, capsys, text):
     assert "is not a time: give seconds, or a number with s, m or h, like 5m" in capsys.readouterr().err
 
 
-def test_online_runs_from_the_bits_of_each_hour():
-    full = fleetmon.FULL_HOUR
-    assert fleetmon.online_runs([(0, 0b110)], 0, 3) == [(False, 0, 0), (True, 1, 2), (False, 3, 3)]
-    assert fleetmon.online_runs([(1, full), (2, full), (4, 1)], 30, 241) == [
-        (False, 30, 59), (True, 60, 179), (False, 180, 239), (True, 240, 240), (False, 241, 241)]
-    assert fleetmon.online_runs([], 5, 9) == [(False, 5, 9)]
+def test_online_runs_are_cells_of_the_bits_of_each_hour():
+    full = (1 << 60) - 1
+    assert fleetmon.online_runs({0: 0b111}, 0, 9, 5) == [("part", 0, 4, 3), ("off", 5, 9, 0)]
+    assert fleetmon.online_runs({1: full, 2: full}, 30, 185, 15) == [
+        ("off", 30, 59, 0), ("on", 60, 179, 120), ("off", 180, 185, 0)]
+    assert fleetmon.online_runs({0: full, 1: 1}, 0, 150, 60) == [("on", 0, 59, 60), ("part", 60, 119, 1), ("off", 120, 150, 0)]
+    assert fleetmon.online_runs({}, 5, 9, 15) == [("off", 5, 9, 0)]
 
 
 # --- The fleet's API and device pages -----------------------------------------------------
@@ -2287,18 +2288,19 @@ def test_the_fleet_page_lists_the_worst_uptime_first_and_silent_devices_last(cli
     assert '<span class="pct">20.000 %</span>' in page
 
 
-def test_the_online_strip_counts_minutes_as_uptime_does_and_shows_each_gap(client):
-    for minute in (0, 1, 2, 5, 6, 10):
-        send(client, heartbeat(minute_of_day(minute)))
+def test_the_online_strip_counts_minutes_as_uptime_does_in_15_minute_cells(client):
+    online = [*range(0, 15), *range(30, 35), *range(45, 61)]  # 10:00-10:14, 10:30-10:34, 10:45-11:00
+    send(client, *(heartbeat(minute_of_day(minute)) for minute in online))
     page = fleet_page(client)
-    assert 'aria-label="6 of 10 minutes online, 2 gaps"' in page  # 60 %, as its uptime
-    assert re.findall(r'class="off" style="flex-grow: (\d+)" title="([^"]*)"', page) == [
-        ("2", "missed 2024-01-01 10:03–10:04 UTC (2 min)"),
-        ("3", "missed 2024-01-01 10:07–10:09 UTC (3 min)"),
+    assert 'aria-label="36 of 60 minutes online, 2 gaps"' in page  # 60 %, as its uptime
+    assert re.findall(r'<span class="(\w+)" style="flex-grow: (\d+)" title="([^"]*)"', page) == [
+        ("on", "15", "online 2024-01-01 10:00–10:14 UTC (15 min)"),
+        ("off", "15", "missed 2024-01-01 10:15–10:29 UTC (15 min)"),
+        ("part", "15", "2024-01-01 10:30–10:44 UTC: 5 of 15 min online"),
+        ("on", "16", "online 2024-01-01 10:45–11:00 UTC (16 min)"),
     ]
-    for minute in range(11):
-        send(client, heartbeat(minute_of_day(minute)))
-    assert 'aria-label="10 of 10 minutes online, 0 gaps"' in fleet_page(client)  # not "11 of 10"
+    send(client, *(heartbeat(minute_of_day(minute)) for minute in range(61)))
+    assert 'aria-label="60 of 60 minutes online, 0 gaps"' in fleet_page(client)  # not "61 of 60"
 
 
 def test_the_online_strip_covers_the_last_24_hours_at_most(client):
