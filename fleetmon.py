@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from operator import attrgetter
