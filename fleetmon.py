@@ -1410,12 +1410,33 @@ metrics = Blueprint("metrics", __name__)
 
 
 class FleetCollector:
-    """The fleet's gauges, read from the database at each scrape."""
+    """The fleet's metrics, read at each scrape: the devices by status and the alerts
+    from the database, the requests from what the app counted."""
 
     def __init__(self, app: Flask):
         self.app = app
+        self.answered: Counter[tuple[str, int]] = Counter()  # (endpoint, status): requests
+        self._lock = threading.Lock()
+
+    def count(self, response):
+        """An after_request hook. A plain count, not a prometheus_client counter's
+        labels() on every request: this runs for every heartbeat."""
+        with self._lock:
+            self.answered[request.endpoint or "none", response.status_code] += 1
+        return response
 
     def collect(self):
+        with self._lock:
+            answered = dict(self.answered)
+        requests = CounterMetricFamily("fleetmon_requests", "Requests answered, by endpoint and status",
+                                       labels=["endpoint", "status"])
+        for (endpoint, status), count in sorted(answered.items()):
+            requests.add_metric([endpoint, str(status)], count)
+        yield requests
+        telemetry = CounterMetricFamily("fleetmon_telemetry", "Telemetry accepted, by kind", labels=["kind"])
+        for kind, endpoint in (("heartbeat", "api.post_heartbeat"), ("upload", "api.post_stats")):
+            telemetry.add_metric([kind], answered.get((endpoint, 204), 0))
+        yield telemetry
         with self.app.app_context():
             db = get_db()
             counts = count_by_status(db, "")
@@ -1441,28 +1462,16 @@ class FleetCollector:
 
 
 def init_metrics(app: Flask) -> None:
+    collector = FleetCollector(app)
     registry = prometheus_client.CollectorRegistry()
-    registry.register(FleetCollector(app))
-    counters = {
-        "heard": prometheus_client.Counter("fleetmon_telemetry", "Telemetry accepted, by kind",
-                                           ["kind"], registry=registry),
-        "requests": prometheus_client.Counter("fleetmon_requests", "Requests answered, by endpoint and status",
-                                              ["endpoint", "status"], registry=registry),
-    }
-    app.extensions["fleetmon.metrics"] = (registry, counters)
-
-    @app.after_request
-    def count_request(response):
-        endpoint = request.endpoint or "none"
-        counters["requests"].labels(endpoint, str(response.status_code)).inc()
-        if response.status_code == 204 and endpoint in ("api.post_heartbeat", "api.post_stats"):
-            counters["heard"].labels("heartbeat" if endpoint == "api.post_heartbeat" else "upload").inc()
-        return response
+    registry.register(collector)
+    app.extensions["fleetmon.metrics"] = registry
+    app.after_request(collector.count)
 
 
 @metrics.get("/metrics")
 def metrics_view():
-    registry, _ = current_app.extensions["fleetmon.metrics"]
+    registry = current_app.extensions["fleetmon.metrics"]
     return prometheus_client.generate_latest(registry), 200, {"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
 
 
