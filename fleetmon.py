@@ -406,80 +406,36 @@ def discard_db() -> None:
         db.close()
 
 
-class Heard(NamedTuple):
-    """A device heard by fleetmon, as a write tells it."""
-
-    device_key: int
-    device_id: str
-    heard_at_ms: int
-    down_since_ms: int | None  # it was down until now
-
-
-def begin_write(db: sqlite3.Connection, device_id: str, minute: int) -> sqlite3.Row:
-    """The device's row, read inside the write's transaction; refuses telemetry from
-    before its kept history, which may already be pruned and so would count twice."""
-    device = db.execute("SELECT device_key, device_id, kept_from, down_since_ms, upload_count, upload_total_ns"
-                        " FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-    if device["kept_from"] is not None and minute < device["kept_from"]:
-        raise Conflict(f"sent_at is before {minute_to_rfc3339(device['kept_from'])}, where this device's kept "
-                       "history begins (older telemetry is pruned); nothing was stored")
-    return device
+def store(db: sqlite3.Connection, insert: str, arguments: tuple, device_id: str) -> None:
+    """Store telemetry with one INSERT into a view of schema.sql, whose trigger refuses
+    what must not be stored: telemetry from before the device's kept history (it may be
+    pruned already, and would count twice) and an upload that would overflow its total."""
+    try:
+        db.execute(insert, arguments)
+    except sqlite3.IntegrityError as error:
+        if str(error) == "before the kept history":
+            kept_from = db.execute("SELECT kept_from FROM devices WHERE device_id = ?", (device_id,)).fetchone()[0]
+            raise Conflict(f"sent_at is before {minute_to_rfc3339(kept_from)}, where this device's kept history "
+                           "begins (older telemetry is pruned); nothing was stored") from None
+        if str(error) == "the total would overflow":
+            raise Conflict(f"this upload_time would overflow the device's total upload time ({INT64_MAX} ns); "
+                           "nothing was stored") from None
+        raise
 
 
-# What every write sets besides its own aggregates: the newest minute, from which
-# retention counts back, and when fleetmon heard the device.
-HEARD = "newest_minute = max(coalesce(newest_minute, :minute), :minute), last_heard_ms = :heard"
-
-
-def end_write(db: sqlite3.Connection, device: sqlite3.Row, heard_at_ms: int) -> Heard:
-    """A device that was down is up again: its outage ends and the change is queued as
-    an alert. (Only then is down_since_ms written: the fleet page's index holds it.)"""
-    down_since = device["down_since_ms"]
-    if down_since is not None:
-        db.execute("UPDATE devices SET down_since_ms = NULL WHERE device_key = ?", (device["device_key"],))
-        db.execute("UPDATE outages SET ended_ms = ? WHERE device_key = ? AND started_ms = ?",
-                   (heard_at_ms, device["device_key"], down_since))
-        db.execute("INSERT INTO alerts (device_key, status, at_ms, last_heard_ms) VALUES (?, 'up', ?, ?)",
-                   (device["device_key"], heard_at_ms, down_since))
-    return Heard(device["device_key"], device["device_id"], heard_at_ms, down_since)
-
-
-def record_heartbeat(db: sqlite3.Connection, device_id: str, minute: int, heard_at_ms: int) -> Heard:
+def record_heartbeat(db: sqlite3.Connection, device_id: str, minute: int, heard_at_ms: int) -> None:
     """Set the minute's bit in its hour's row and, if it was not set, count it."""
     hour, minute_of_hour = divmod(minute, 60)
-    with transaction(db):
-        device = begin_write(db, device_id, minute)
-        is_new = db.execute(
-            "INSERT INTO online_hours (device_key, hour, minutes) VALUES (:key, :hour, :bit)"
-            " ON CONFLICT (device_key, hour) DO UPDATE SET minutes = minutes | excluded.minutes"
-            " WHERE minutes & excluded.minutes = 0",
-            {"key": device["device_key"], "hour": hour, "bit": 1 << minute_of_hour},
-        ).rowcount
-        counted = ("online_minutes = online_minutes + 1, first_minute = min(coalesce(first_minute, :minute), :minute),"
-                   " last_minute = max(coalesce(last_minute, :minute), :minute), ") if is_new else ""
-        db.execute(f"UPDATE devices SET {counted}{HEARD} WHERE device_key = :key",
-                   {"minute": minute, "heard": heard_at_ms, "key": device["device_key"]})
-        return end_write(db, device, heard_at_ms)
+    store(db, "INSERT INTO heartbeats VALUES (?, ?, ?, ?, ?)",
+          (device_id, minute, hour, 1 << minute_of_hour, heard_at_ms), device_id)
 
 
 def record_upload(db: sqlite3.Connection, device_id: str, sent_at: datetime, upload_time_ns: int,
-                  heard_at_ms: int) -> Heard:
-    """Store one upload and add it to the device's total, which must stay exact: one that
-    would overflow a signed 64-bit total is refused (SQLite would turn it into a float)."""
+                  heard_at_ms: int) -> None:
+    """Store one upload, its sent_at in whole UTC seconds, and add it to the device's total."""
     minute = (sent_at - UNIX_EPOCH) // ONE_MINUTE
-    with transaction(db):
-        device = begin_write(db, device_id, minute)
-        if device["upload_total_ns"] > INT64_MAX - upload_time_ns:
-            raise Conflict(f"this upload_time would overflow the device's total upload time ({INT64_MAX} ns); "
-                           "nothing was stored")
-        db.execute(
-            "INSERT INTO uploads (device_key, number, sent_at, upload_time_ns) VALUES (?, ?, ?, ?)",
-            (device["device_key"], device["upload_count"] + 1, int(sent_at.timestamp()), upload_time_ns),
-        )
-        db.execute(f"UPDATE devices SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + :ns,"
-                   f" {HEARD} WHERE device_key = :key",
-                   {"ns": upload_time_ns, "minute": minute, "heard": heard_at_ms, "key": device["device_key"]})
-        return end_write(db, device, heard_at_ms)
+    store(db, "INSERT INTO upload_reports VALUES (?, ?, ?, ?, ?)",
+          (device_id, minute, int(sent_at.timestamp()), upload_time_ns, heard_at_ms), device_id)
 
 
 def read_aggregates(db: sqlite3.Connection, device_id: str) -> Aggregates:
@@ -591,16 +547,18 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def tell_heard(device: Heard) -> None:
+def tell_heard(device_id: str, heard_at_ms: int) -> None:
     """Tell whoever listens (the watch on who is down, when serving) that a device was heard."""
     for listener in current_app.extensions["fleetmon.heard"]:
-        listener(device)
+        listener(device_id, heard_at_ms)
 
 
 @api.post("/api/v1/devices/<device_id>/heartbeat")
 def post_heartbeat(device_id: str):
     minute = (sent_at_field(json_object_body()) - UNIX_EPOCH) // ONE_MINUTE
-    tell_heard(record_heartbeat(get_db(), device_id, minute, now_ms()))
+    heard_at = now_ms()
+    record_heartbeat(get_db(), device_id, minute, heard_at)
+    tell_heard(device_id, heard_at)
     return no_content()
 
 
@@ -609,7 +567,9 @@ def post_stats(device_id: str):
     body = json_object_body()
     sent_at = sent_at_field(body)  # validated like a heartbeat's, but no heartbeat
     upload_time = upload_time_field(body)
-    tell_heard(record_upload(get_db(), device_id, sent_at, upload_time, now_ms()))
+    heard_at = now_ms()
+    record_upload(get_db(), device_id, sent_at, upload_time, heard_at)
+    tell_heard(device_id, heard_at)
     return no_content()
 
 
@@ -853,26 +813,28 @@ def alert_text(device_id: str, status: str, at_ms: int, last_heard_ms: int) -> s
     return f"fleetmon: {device_id} is up again after {short_duration(at_ms - last_heard_ms)}"
 
 
-def mark_down(db: sqlite3.Connection, device_key: int, last_heard_ms: int, at_ms: int) -> str | None:
+def mark_down(db: sqlite3.Connection, device_id: str, last_heard_ms: int, at_ms: int) -> bool:
     """Declare a device down, unless it was heard again since last_heard_ms: its outage
     starts when it was last heard, and the change is queued as an alert in the same
-    transaction. Returns the alert's line, or None if it was heard meanwhile."""
+    transaction. False if it was heard meanwhile."""
     with transaction(db):
         changed = db.execute(
             "UPDATE devices SET down_since_ms = last_heard_ms"
-            " WHERE device_key = ? AND last_heard_ms = ? AND down_since_ms IS NULL RETURNING device_id",
-            (device_key, last_heard_ms),
+            " WHERE device_id = ? AND last_heard_ms = ? AND down_since_ms IS NULL RETURNING device_key",
+            (device_id, last_heard_ms),
         ).fetchall()
         if not changed:
-            return None
+            return False
+        device_key = changed[0]["device_key"]
         db.execute("INSERT INTO outages (device_key, started_ms) VALUES (?, ?)", (device_key, last_heard_ms))
         db.execute("INSERT INTO alerts (device_key, status, at_ms, last_heard_ms) VALUES (?, 'down', ?, ?)",
                    (device_key, at_ms, last_heard_ms))
-    return alert_text(changed[0]["device_id"], "down", at_ms, last_heard_ms)
+    return True
 
 
 class Watch:
-    """Who is due to be declared down, soonest first.
+    """Who is due to be declared down, soonest first, and the server window's line for
+    each change of status.
 
     Devices in the order they were last heard: the first is the one whose deadline comes
     first, so a check reads only the devices that are overdue, whatever the fleet's size,
@@ -884,46 +846,47 @@ class Watch:
         self.down_after = down_after_seconds
         self.announce = announce
         self.wake_delivery = threading.Event()
-        self._due: OrderedDict[int, tuple[float, int]] = OrderedDict()  # key: (heard, heard_at_ms)
+        self._due: OrderedDict[str, tuple[float, int]] = OrderedDict()  # device_id: (heard, heard_at_ms)
         self._lock = threading.Lock()
-        for row in db.execute("SELECT device_key, last_heard_ms FROM devices"
+        for row in db.execute("SELECT device_id, last_heard_ms FROM devices"
                               " WHERE last_heard_ms IS NOT NULL AND down_since_ms IS NULL ORDER BY last_heard_ms"):
-            self._due[row["device_key"]] = (started, row["last_heard_ms"])
+            self._due[row["device_id"]] = (started, row["last_heard_ms"])
+        self.announced = db.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
 
-    def heard(self, device: Heard, monotonic_now: float | None = None) -> None:
+    def heard(self, device_id: str, heard_at_ms: int, monotonic_now: float | None = None) -> None:
         """A listener of tell_heard(): runs in the request, after its commit."""
         with self._lock:
-            self._due[device.device_key] = (time.monotonic() if monotonic_now is None else monotonic_now,
-                                            device.heard_at_ms)
-            self._due.move_to_end(device.device_key)
-        if device.down_since_ms is not None:
-            self.announce(alert_text(device.device_id, "up", device.heard_at_ms, device.down_since_ms))
-            self.wake_delivery.set()
+            self._due[device_id] = (time.monotonic() if monotonic_now is None else monotonic_now, heard_at_ms)
+            self._due.move_to_end(device_id)
 
     def check(self, db: sqlite3.Connection, monotonic_now: float, now: int) -> int:
-        """Declare down every device not heard for down_after; returns how many."""
+        """Declare down every device not heard for down_after, and tell every change
+        since the last check (those of requests too: a device up again); returns how
+        many it declared down."""
         with self._lock:
             overdue = []
             while self._due:
-                device_key, (heard_at, heard_at_ms) = next(iter(self._due.items()))
+                device_id, (heard_at, heard_at_ms) = next(iter(self._due.items()))
                 if heard_at + self.down_after > monotonic_now:
                     break
-                del self._due[device_key]
-                overdue.append((device_key, heard_at_ms))
+                del self._due[device_id]
+                overdue.append((device_id, heard_at_ms))
         declared = 0
-        for number, (device_key, heard_at_ms) in enumerate(overdue):
+        for number, (device_id, heard_at_ms) in enumerate(overdue):
             try:
-                line = mark_down(db, device_key, heard_at_ms, now)
+                declared += mark_down(db, device_id, heard_at_ms, now)
             except sqlite3.Error:
                 with self._lock:  # due again at the next check, first in line
-                    for key, at_ms in reversed(overdue[number:]):
-                        self._due.setdefault(key, (monotonic_now - self.down_after, at_ms))
-                        self._due.move_to_end(key, last=False)
+                    for overdue_id, at_ms in reversed(overdue[number:]):
+                        self._due.setdefault(overdue_id, (monotonic_now - self.down_after, at_ms))
+                        self._due.move_to_end(overdue_id, last=False)
                 raise
-            if line:
-                self.announce(line)
-                declared += 1
-        if declared:
+        changes = db.execute("SELECT alerts.*, device_id FROM alerts JOIN devices USING (device_key)"
+                             " WHERE id > ? ORDER BY id", (self.announced,)).fetchall()
+        for alert in changes:
+            self.announce(alert_text(alert["device_id"], alert["status"], alert["at_ms"], alert["last_heard_ms"]))
+            self.announced = alert["id"]
+        if changes:
             self.wake_delivery.set()
         return declared
 

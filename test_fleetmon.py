@@ -618,7 +618,7 @@ def test_an_unexpected_error_is_500_json_with_the_details_in_the_log_only(app, c
                "Either the server is overloaded or there is an error in the application."
     }
     assert stored(app, ("devices", "online_hours")) == before
-    assert "no such table: uploads" in caplog.text
+    assert "no such table: main.uploads" in caplog.text
 
 
 # --- Hostile input ------------------------------------------------------------------------
@@ -2081,8 +2081,8 @@ def watching(app, down_after=60, clock=None):
     with closing(fleetmon.connect(app.config["DATABASE"])) as db:
         watch = fleetmon.Watch(db, down_after, clock.now, announce=lines.append)
 
-        def listener(device):
-            watch.heard(device, clock.now)
+        def listener(device_id, heard_at_ms):
+            watch.heard(device_id, heard_at_ms, clock.now)
 
         app.extensions["fleetmon.heard"].append(listener)
         try:
@@ -2118,6 +2118,7 @@ def test_a_device_not_heard_for_the_down_after_time_is_down_and_up_again_when_he
         assert check_after(watched, 600) == 0  # said once
 
         send(client, upload(5))  # an upload is heard too
+        check_after(watched, 0)  # which tells the change
         up = device_json(client)
         assert (up["status"], up["down_since"]) == ("up", None)
         assert up["outages"][0]["started"] == heard["last_heard"] and up["outages"][0]["ended"] == up["last_heard"]
@@ -2148,11 +2149,10 @@ def test_a_device_heard_again_before_it_is_declared_down_stays_up(app, client, m
     wall = WallClock(monkeypatch)
     with watching(app, down_after=60) as (_, db, _, lines):
         send(client, heartbeat(SENT_AT))
-        key = db.execute("SELECT device_key FROM devices WHERE device_id = ?", (DEVICE,)).fetchone()[0]
         first_heard = wall.ms
         wall.ms += 1_000
         send(client, heartbeat(SENT_AT))  # heard again just after the watch took its deadline
-        assert fleetmon.mark_down(db, key, first_heard, wall.ms + 60_000) is None
+        assert fleetmon.mark_down(db, DEVICE, first_heard, wall.ms + 60_000) is False
         assert device_json(client)["status"] == "up" and lines == []
 
 
@@ -2455,6 +2455,7 @@ def test_alerts_are_delivered_in_order_and_retried_with_backoff_after_a_failure(
         check_after(watched, 60)
         wall.ms += 132_000
         send(client, heartbeat(SENT_AT))
+        check_after(watched, 0)
     assert watched[3] == [f"fleetmon: {DEVICE} is down (last heard 10:04:00 UTC, 5m ago)",
                           f"fleetmon: {DEVICE} is up again after 7m12s"]
     lines = []
