@@ -93,6 +93,8 @@ FLOOR_THREADS = fleetmon.WAITRESS_SETTINGS["threads"]
 # What a device of the fleet sends in a day: a heartbeat a minute, the simulator's
 # uploads, and a few reads of its stats by whoever watches it.
 HEARTBEATS_PER_DAY = 24 * 60
+# Every minute of an hour online: the bits 0-59 of an online_hours row.
+FULL_HOUR = (1 << 60) - 1
 READS_PER_DAY = 10
 REQUESTS_PER_DEVICE_SECOND = (HEARTBEATS_PER_DAY + UPLOADS_A_DAY + READS_PER_DAY) / 86_400
 
@@ -880,7 +882,7 @@ def store_online_minutes(database: Path, device_id: str, minutes: int) -> None:
     """Give a device `minutes` online minutes in a row from FIRST_DAY, straight into
     the tables: its rows of full hours (the last one partly full) and its aggregates."""
     full_hours, rest = divmod(minutes, 60)
-    hours = [(FIRST_MINUTE // 60 + hour, fleetmon.FULL_HOUR) for hour in range(full_hours)]
+    hours = [(FIRST_MINUTE // 60 + hour, FULL_HOUR) for hour in range(full_hours)]
     if rest:
         hours.append((FIRST_MINUTE // 60 + full_hours, (1 << rest) - 1))
     last_minute = FIRST_MINUTE + minutes - 1
@@ -904,7 +906,7 @@ def build_backlog(database: Path, days: int) -> tuple[int, int]:
             "INSERT INTO online_hours (device_key, hour, minutes)"
             " WITH RECURSIVE hours (hour) AS (SELECT :first UNION ALL SELECT hour + 1 FROM hours WHERE hour < :last)"
             " SELECT device_key, hour, :full FROM devices CROSS JOIN hours",
-            {"first": first_hour, "last": FIRST_MINUTE // 60 - 1, "full": fleetmon.FULL_HOUR}).rowcount
+            {"first": first_hour, "last": FIRST_MINUTE // 60 - 1, "full": FULL_HOUR}).rowcount
         uploaded = db.execute(
             "INSERT INTO uploads (device_key, number, sent_at, upload_time_ns)"
             " WITH RECURSIVE numbers (number) AS (SELECT 1 UNION ALL SELECT number + 1 FROM numbers WHERE number < :n)"
@@ -960,7 +962,7 @@ def build_fleet(database: Path, now_ms: int) -> tuple[Counter[str], list[str]]:
                 draw = rng.random()
                 if draw < 0.08:
                     continue  # an hour offline
-                bits = fleetmon.FULL_HOUR if draw < 0.85 else rng.choice(patterns)
+                bits = FULL_HOUR if draw < 0.85 else rng.choice(patterns)
                 if hour == end // 60:
                     bits &= (1 << (end % 60 + 1)) - 1
                 if bits:

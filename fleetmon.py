@@ -1209,45 +1209,61 @@ def about_this_server() -> dict:
     }
 
 
-def count_by_status(db: sqlite3.Connection, text: str) -> dict:
-    """How many listed devices (with an id containing text) are up, down, never heard."""
-    if text:
-        counts = db.execute(
-            "SELECT count(*), count(*) FILTER (WHERE down_since_ms IS NOT NULL),"
-            " count(*) FILTER (WHERE last_heard_ms IS NULL)"
-            " FROM devices WHERE device_key IN temp.listed AND instr(lower(device_id), lower(?)) > 0",
-            (text,),
-        ).fetchone()
-    else:  # from the indexes of the few that are down or never heard, not from every row
-        counts = db.execute(
-            "SELECT (SELECT count(*) FROM temp.listed),"
-            " (SELECT count(*) FROM devices INDEXED BY devices_down"
-            "  WHERE down_since_ms IS NOT NULL AND device_key IN temp.listed),"
-            " (SELECT count(*) FROM devices INDEXED BY devices_never_heard"
-            "  WHERE last_heard_ms IS NULL AND device_key IN temp.listed)"
-        ).fetchone()
-    devices, down, never = counts
+def count_by_status(db: sqlite3.Connection) -> dict:
+    """How many listed devices are up, down, never heard: from the indexes of the few
+    that are down or never heard, not from every row."""
+    devices, down, never = db.execute(
+        "SELECT (SELECT count(*) FROM temp.listed),"
+        " (SELECT count(*) FROM devices INDEXED BY devices_down WHERE down_since_ms IS NOT NULL"
+        "  AND device_key IN temp.listed),"
+        " (SELECT count(*) FROM devices INDEXED BY devices_never_heard WHERE last_heard_ms IS NULL"
+        "  AND device_key IN temp.listed)"
+    ).fetchone()
     return {"devices": devices, "up": devices - down - never, "down": down, "never": never}
 
 
-def read_by_concern(db: sqlite3.Connection, text: str, matching: int, offset: int) -> list[sqlite3.Row]:
-    """A page of the listed devices whose id contains text, in the fleet page's order."""
-    arguments = {"text": text, "rows": FLEET_PAGE_ROWS, "offset": offset}
-    listed = "device_key IN temp.listed" + (" AND instr(lower(device_id), lower(:text)) > 0" if text else "")
-    if text and matching <= FILTER_SORTS_UP_TO:
-        return db.execute(f"WITH matching AS MATERIALIZED (SELECT * FROM devices WHERE {listed})"
-                          f" SELECT * FROM matching ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset",
+ID_MATCHES = "device_id LIKE :pattern ESCAPE '\\'"
+
+
+def id_contains(text: str) -> str:
+    """A LIKE pattern for ids that contain text, in any case (SQLite's LIKE ignores the
+    case of ASCII letters), its own % and _ taken as they are."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def read_fleet_page(db: sqlite3.Connection, text: str, page: int) -> tuple[dict, int, int, list[sqlite3.Row]]:
+    """The counts, the page (past the end: the last), the number of pages, and the rows
+    of that page of the listed devices whose id contains text, in the fleet page's order.
+
+    Without a filter, a walk along the index. With one, a single pass over the ids finds
+    the matches and counts them; few matches are then sorted, many are found along the
+    index, where they are dense enough to fill a page quickly.
+    """
+    arguments = {"rows": FLEET_PAGE_ROWS, "pattern": id_contains(text)}
+    if text:
+        matches = db.execute(f"SELECT device_key, down_since_ms IS NOT NULL, last_heard_ms IS NULL FROM devices"
+                             f" WHERE device_key IN temp.listed AND {ID_MATCHES}", arguments).fetchall()
+        down, never = sum(match[1] for match in matches), sum(match[2] for match in matches)
+        counts = {"devices": len(matches), "up": len(matches) - down - never, "down": down, "never": never}
+    else:
+        counts = count_by_status(db)
+    pages = max(1, math.ceil(counts["devices"] / FLEET_PAGE_ROWS))
+    page = min(page, pages)
+    arguments["offset"] = (page - 1) * FLEET_PAGE_ROWS
+    if text and len(matches) <= FILTER_SORTS_UP_TO:
+        arguments["keys"] = json.dumps([match[0] for match in matches])
+        rows = db.execute(f"SELECT * FROM devices WHERE device_key IN (SELECT value FROM json_each(:keys))"
+                          f" ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset", arguments).fetchall()
+    else:
+        rows = db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern WHERE device_key IN temp.listed"
+                          f" AND {ID_MATCHES if text else 'true'} ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset",
                           arguments).fetchall()
-    return db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern WHERE {listed}"
-                      f" ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset", arguments).fetchall()
+    return counts, page, pages, rows
 
 
 def fleet_page(text: str, page: int) -> str:
     db = get_db()
-    counts = count_by_status(db, text)
-    pages = max(1, math.ceil(counts["devices"] / FLEET_PAGE_ROWS))
-    page = min(page, pages)  # past the end: the last page
-    rows = read_by_concern(db, text, counts["devices"], (page - 1) * FLEET_PAGE_ROWS)
+    counts, page, pages, rows = read_fleet_page(db, text, page)
     now = now_ms()
 
     def page_url(number: int) -> str | None:
@@ -1402,7 +1418,7 @@ class FleetCollector:
         yield telemetry
         with self.app.app_context():
             db = get_db()
-            counts = count_by_status(db, "")
+            counts = count_by_status(db)
             devices = GaugeMetricFamily("fleetmon_devices", "Devices of the devices file, by status", labels=["status"])
             for status in STATUSES:
                 devices.add_metric([status], counts[status])

@@ -2349,6 +2349,7 @@ def test_the_fleet_page_comes_100_rows_a_page_and_filters_by_id(tmp_path):
         assert "10 devices match" in filtered
         assert summary(filtered) == {"Matching devices": "10", "Down": "0", "Up": "1", "Never heard": "9"}
         assert listed_ids(fleet_page(client, "?q=nothing-like-it")) == []
+        assert listed_ids(fleet_page(client, "?q=cam_0")) == listed_ids(fleet_page(client, "?q=%25")) == []
         assert listed_ids(fleet_page(client, "?page=9")) == listed_ids(pages[2])  # past the end: the last
         assert client.get("/?page=0", headers=HTML).status_code == 400
 
