@@ -80,6 +80,7 @@ class StartupError(Exception):
 
 UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_MINUTE = timedelta(minutes=1)
+FIRST_MINUTE = (datetime(1, 1, 1, tzinfo=UTC) - UNIX_EPOCH) // ONE_MINUTE  # the earliest a sent_at can be
 # RFC 3339 section 5.6, with an explicit offset and at most nanosecond precision.
 # Dates and times are range-checked by datetime, the offset here.
 RFC3339_DATE_TIME = re.compile(
@@ -359,9 +360,14 @@ class ConnectionPool:
             if self._idle:
                 return self._idle.pop()
         db = connect(self.database)
-        db.execute("CREATE TEMP TABLE listed (device_key INTEGER PRIMARY KEY)")
-        with transaction(db):
+        try:
+            db.execute("CREATE TEMP TABLE listed (device_key INTEGER PRIMARY KEY)")
+            db.execute("BEGIN")  # not IMMEDIATE: a temporary table takes no lock on the database
             db.executemany("INSERT INTO temp.listed VALUES (?)", ((key,) for key in self.listed_keys))
+            db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def give_back(self, db: sqlite3.Connection) -> None:
@@ -842,7 +848,8 @@ class Watch:
     up is given the down-after time from then: fleetmon's own downtime is not theirs.
     """
 
-    def __init__(self, db: sqlite3.Connection, down_after_seconds: float, started: float, announce=print):
+    def __init__(self, db: sqlite3.Connection, down_after_seconds: float, started: float, announce=print,
+                 listed: frozenset[str] | None = None):
         self.down_after = down_after_seconds
         self.announce = announce
         self.wake_delivery = threading.Event()
@@ -850,7 +857,8 @@ class Watch:
         self._lock = threading.Lock()
         for row in db.execute("SELECT device_id, last_heard_ms FROM devices"
                               " WHERE last_heard_ms IS NOT NULL AND down_since_ms IS NULL ORDER BY last_heard_ms"):
-            self._due[row["device_id"]] = (started, row["last_heard_ms"])
+            if listed is None or row["device_id"] in listed:  # a device dropped from the file is heard no more
+                self._due[row["device_id"]] = (started, row["last_heard_ms"])
         self.announced = db.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
 
     def heard(self, device_id: str, heard_at_ms: int, monotonic_now: float | None = None) -> None:
@@ -876,10 +884,11 @@ class Watch:
             try:
                 declared += mark_down(db, device_id, heard_at_ms, now)
             except sqlite3.Error:
-                with self._lock:  # due again at the next check, first in line
+                with self._lock:  # due again at the next check, first in line, unless heard meanwhile
                     for overdue_id, at_ms in reversed(overdue[number:]):
-                        self._due.setdefault(overdue_id, (monotonic_now - self.down_after, at_ms))
-                        self._due.move_to_end(overdue_id, last=False)
+                        if overdue_id not in self._due:
+                            self._due[overdue_id] = (monotonic_now - self.down_after, at_ms)
+                            self._due.move_to_end(overdue_id, last=False)
                 raise
         changes = db.execute("SELECT alerts.*, device_id FROM alerts JOIN devices USING (device_key)"
                              " WHERE id > ? ORDER BY id", (self.announced,)).fetchall()
@@ -983,10 +992,12 @@ class Pruning:
             ).fetchone()
             if device is None:
                 return False
-            kept_from = (device["newest_minute"] - self.keep_minutes) // 60 * 60
+            kept_from = max((device["newest_minute"] - self.keep_minutes) // 60 * 60, FIRST_MINUTE)
             # First the boundary, in a transaction of its own: from its commit on, telemetry
-            # before it is refused, and so the rows deleted next cannot come back.
-            db.execute("UPDATE devices SET kept_from = ? WHERE device_key = ?", (kept_from, device["device_key"]))
+            # before it is refused, and so the rows deleted next cannot come back. It never
+            # moves back (another fleetmon on the database may have moved it on).
+            db.execute("UPDATE devices SET kept_from = ? WHERE device_key = ? AND (kept_from IS NULL OR kept_from < ?)",
+                       (kept_from, device["device_key"], kept_from))
             self.pruning = (device["device_key"], kept_from)
         device_key, kept_from = self.pruning
         deleted = db.execute(
@@ -1026,7 +1037,7 @@ class Housekeeping:
         self.stop = threading.Event()
         self.db = connect(self.database)
         self.delivery_db = connect(self.database)
-        self.watch = Watch(self.db, down_after_seconds, time.monotonic(), announce)
+        self.watch = Watch(self.db, down_after_seconds, time.monotonic(), announce, app.config["DEVICE_IDS"])
         self.delivery = AlertDelivery(alert_url, announce)
         self.pruning = Pruning(keep_days) if keep_days else None
         self.next_checkpoint = 0.0
@@ -1044,16 +1055,16 @@ class Housekeeping:
                     self.next_checkpoint = now + CHECKPOINT_SECONDS
                     self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 busy = self.pruning is not None and self.pruning.step(self.db)
-            except sqlite3.Error as error:  # a full disk, say: the next round tries again
-                logging.getLogger(__name__).warning("housekeeping paused: %s", error)
+            except Exception:  # a full disk, say: logged, and the next round tries again
+                logging.getLogger(__name__).exception("housekeeping failed")
             self.stop.wait(0.005 if busy else STATUS_CHECK_SECONDS)
 
     def deliver_alerts(self) -> None:
         while not self.stop.is_set():
             try:
                 self.delivery.step(self.delivery_db, time.monotonic())
-            except sqlite3.Error as error:
-                logging.getLogger(__name__).warning("alert delivery paused: %s", error)
+            except Exception:
+                logging.getLogger(__name__).exception("alert delivery failed")
             self.watch.wake_delivery.wait(1.0)
             self.watch.wake_delivery.clear()
 
@@ -1076,6 +1087,7 @@ class Housekeeping:
 LIST_LIMIT = 1000
 FLEET_PAGE_ROWS = 100
 MAX_FLEET_PAGE = 1_000_000
+MAX_FILTER_CHARACTERS = 200
 FLEET_STRIP_MINUTES = 24 * 60
 DEVICE_STRIP_MINUTES = 7 * 24 * 60
 # A strip is drawn in cells of so many minutes (a divisor of 60), at most 96 on the fleet
@@ -1189,7 +1201,10 @@ def negotiated(html, json_body):
 def index():
     """The fleet page for a browser; for an API client, what this server is."""
     page = int_argument("page", 1, 1, MAX_FLEET_PAGE)  # checked for both, as the document says
-    return negotiated(lambda: fleet_page(request.args.get("q", "").strip(), page), about_this_server)
+    text = request.args.get("q", "").strip()
+    if len(text) > MAX_FILTER_CHARACTERS:  # SQLite refuses to match a very long pattern
+        abort(400, f"q must be at most {MAX_FILTER_CHARACTERS} characters")
+    return negotiated(lambda: fleet_page(text, page), about_this_server)
 
 
 def about_this_server() -> dict:
@@ -1285,7 +1300,7 @@ def device_page(device_id: str):
     def html() -> str:
         now = now_ms()
         outages = [{**outage, "lasted": short_duration(int(outage["seconds"] * 1000)) if outage["ended"] else
-                    f"{short_duration(now - device['down_since_ms'])} so far"}
+                    f"{short_duration(now - int(datetime.fromisoformat(outage['started']).timestamp() * 1000))} so far"}
                    for outage in read_outages(db, device["device_key"])]
         return render_template("device.html", device=device_row(db, device, now, DEVICE_STRIP_MINUTES, DEVICE_STRIP_CELL_MINUTES),
                                outages=outages, keep_days=current_app.config["KEEP_DAYS"])
@@ -1307,7 +1322,7 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
     strip, label = [], ""
     if device["online_minutes"]:
         last = device["last_minute"]
-        first = max(device["first_minute"], last - strip_minutes + 1)
+        first = max(device["first_minute"], device["kept_from"] or device["first_minute"], last - strip_minutes + 1)
         hours = db.execute("SELECT hour, minutes FROM online_hours WHERE device_key = ? AND hour BETWEEN ? AND ?",
                            (device["device_key"], first // 60, last // 60)).fetchall()
         runs = online_runs(dict(hours), first, last, cell_minutes)
@@ -1367,11 +1382,12 @@ def run_title(state: str, start: int, end: int, online: int) -> str:
 
 def human_duration(ns: int) -> str:
     """A mean upload time as a person reads it: 3 min 22 s, 45.2 s, 850 ms."""
-    if ns < 1_000_000:
+    # Each unit up to where it would round to the next one's first value.
+    if ns < 999_500:
         return f"{ns / 1_000:.0f} µs" if ns >= 1_000 else f"{ns} ns"
-    if ns < 1_000_000_000:
+    if ns < 999_500_000:
         return f"{ns / 1_000_000:.0f} ms"
-    if ns < 60_000_000_000:
+    if ns < 59_950_000_000:
         return f"{ns / 1_000_000_000:.1f} s"
     seconds = round(ns / 1_000_000_000)
     if seconds < 3600:

@@ -105,8 +105,11 @@ BEGIN
     WHERE (device_key, started_ms) = (SELECT device_key, down_since_ms FROM devices WHERE device_id = NEW.device_id);
     -- down_since_ms only when it changes: the fleet page's index holds it.
     UPDATE devices SET down_since_ms = NULL WHERE device_id = NEW.device_id AND down_since_ms IS NOT NULL;
-    UPDATE devices SET newest_minute = max(coalesce(newest_minute, NEW.minute), NEW.minute),
+    -- A sent_at from a clock far ahead must not make retention prune the device's real
+    -- history: the newest minute goes no further than a day past fleetmon's own clock.
+    UPDATE devices SET newest_minute = max(coalesce(newest_minute, bounded.minute), bounded.minute),
                        last_heard_ms = NEW.heard_at_ms
+    FROM (SELECT min(NEW.minute, NEW.heard_at_ms / 60000 + 1440) AS minute) AS bounded
     WHERE device_id = NEW.device_id;
 END;
 

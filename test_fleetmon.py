@@ -903,7 +903,9 @@ class Event(typing.NamedTuple):
 ODD_DAYS = {
     # uploads only, sent with offsets; heartbeats only, one before 1970; one minute alone
     "60-6b-44-84-dc-64": [Event("/stats", {"sent_at": "2024-01-01T12:04:59.999999999+02:00", "upload_time": 7}),
-                          Event("/stats", {"sent_at": "2024-01-01T05:04:00-05:00", "upload_time": INT64_MAX - 7})],
+                          Event("/stats", {"sent_at": "2024-01-01T05:04:00-05:00", "upload_time": INT64_MAX - 9}),
+                          Event("/stats", {"sent_at": "2024-01-02T02:04:00.5+23:59", "upload_time": 1}),
+                          Event("/stats", {"sent_at": "2023-12-31T14:04:00-20:00", "upload_time": 1})],
     "b4-45-52-a2-f1-3c": [Event("/heartbeat", {"sent_at": "1969-12-31T23:59:00Z"}),
                           Event("/heartbeat", {"sent_at": "1970-01-01T00:00:00Z"}),
                           Event("/heartbeat", {"sent_at": "1970-01-01T01:30:00Z"})],
@@ -2164,6 +2166,7 @@ def test_short_duration(ms, text):
 
 
 @pytest.mark.parametrize(("ns", "text"), [(0, "0 ns"), (999, "999 ns"), (1_500, "2 µs"), (850_000_000, "850 ms"),
+                                          (999_999_999, "1.0 s"), (59_999_999_999, "1 min 0 s"),
                                           (45_240_000_000, "45.2 s"), (201_858_747_766, "3 min 22 s"),
                                           (3_900_000_000_000, "1 h 5 min")])
 def test_human_duration(ns, text):
@@ -2352,6 +2355,7 @@ def test_the_fleet_page_comes_100_rows_a_page_and_filters_by_id(tmp_path):
         assert listed_ids(fleet_page(client, "?q=cam_0")) == listed_ids(fleet_page(client, "?q=%25")) == []
         assert listed_ids(fleet_page(client, "?page=9")) == listed_ids(pages[2])  # past the end: the last
         assert client.get("/?page=0", headers=HTML).status_code == 400
+        assert client.get("/?q=" + "x" * 201, headers=HTML).get_json() == {"msg": "q must be at most 200 characters"}
 
 
 def test_a_filter_matching_many_devices_walks_the_index_in_the_same_order(tmp_path, monkeypatch):
@@ -2526,3 +2530,19 @@ def test_metrics_name_each_device_only_in_a_small_fleet(app, client, monkeypatch
     monkeypatch.setattr(fleetmon, "METRICS_PER_DEVICE_UP_TO", 4)
     text = client.get("/metrics").get_data(as_text=True)
     assert "fleetmon_devices{" in text and "fleetmon_device_up" not in text
+
+
+def test_a_clock_far_ahead_cannot_make_retention_refuse_the_present(app, client):
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    send(client, heartbeat(now.isoformat().replace("+00:00", "Z")), heartbeat("2030-01-01T00:00:00Z"))
+    prune_all(app, keep_days=1)
+    send(client, heartbeat((now + timedelta(minutes=1)).isoformat().replace("+00:00", "Z")))  # still taken
+
+
+def test_the_watch_leaves_out_devices_no_longer_listed(app, client):
+    with watching(app, down_after=60):
+        send(client, heartbeat(SENT_AT), heartbeat(SENT_AT, OTHER_DEVICE))
+    with closing(fleetmon.connect(app.config["DATABASE"])) as db:
+        watch = fleetmon.Watch(db, 60, 0.0, announce=[].append, listed=frozenset({OTHER_DEVICE}))
+        assert watch.check(db, 60.0, fleetmon.now_ms()) == 1
+    assert device_json(client)["status"] == "up" and device_json(client, OTHER_DEVICE)["status"] == "down"

@@ -60,13 +60,18 @@ FROM (SELECT device_id, minute, ((minute % 60) + 60) % 60 AS minute_of_hour FROM
 JOIN devices USING (device_id)
 GROUP BY device_key, (minute - minute_of_hour) / 60;
 
--- sent_at was stored as the device sent it, RFC 3339, which SQLite's strftime reads,
--- offset included. The fraction of a second goes first: strftime would round it.
+-- sent_at was stored as the device sent it, RFC 3339: a local time to the second, a
+-- fraction, then Z or an offset of up to 23:59. The offset is taken off by hand, as
+-- SQLite's own reading stops at 14 hours; the fraction is dropped.
 INSERT INTO uploads (device_key, number, sent_at, upload_time_ns)
 SELECT device_key, row_number() OVER (PARTITION BY device_key ORDER BY id),
-       CAST(strftime('%s', substr(sent_at, 1, 19) || ltrim(substr(sent_at, 20), '.0123456789')) AS INTEGER),
+       CAST(strftime('%s', substr(sent_at, 1, 19)) AS INTEGER)
+       - CASE WHEN offset = 'Z' THEN 0
+              ELSE (CASE substr(offset, 1, 1) WHEN '-' THEN -1 ELSE 1 END)
+                   * (substr(offset, 2, 2) * 3600 + substr(offset, 5, 2) * 60) END,
        upload_time_ns
-FROM old_uploads JOIN devices USING (device_id);
+FROM (SELECT *, ltrim(substr(sent_at, 20), '.0123456789') AS offset FROM old_uploads)
+JOIN devices USING (device_id);
 
 UPDATE devices SET newest_minute = (
     SELECT max(minute) FROM (
