@@ -47,7 +47,7 @@ CREATE INDEX IF NOT EXISTS devices_by_concern ON devices (
 -- changes when a heard device is heard again. (fleetmon's queries name the index each
 -- one walks: with a temporary table in the query, SQLite would rather start from that.)
 CREATE INDEX IF NOT EXISTS devices_down ON devices (down_since_ms) WHERE down_since_ms IS NOT NULL;
-CREATE INDEX IF NOT EXISTS devices_never_heard ON devices (device_key) WHERE last_heard_ms IS NULL;
+CREATE INDEX IF NOT EXISTS devices_never_heard ON devices (last_heard_ms) WHERE last_heard_ms IS NULL;
 
 -- A device's online minutes, an hour a row: bit m of `minutes` is minute m of the hour
 -- (bits 0-59). A heartbeat sets one bit; a retry finds it set and changes nothing.
