@@ -1226,15 +1226,18 @@ def about_this_server() -> dict:
     }
 
 
+# A device of this process's devices file. EXISTS rather than IN: given IN, SQLite would
+# start from the listed devices, every one of them, rather than from the index at hand.
+LISTED = "EXISTS (SELECT 1 FROM temp.listed WHERE listed.device_key = devices.device_key)"
+
+
 def count_by_status(db: sqlite3.Connection) -> dict:
     """How many listed devices are up, down, never heard: from the indexes of the few
     that are down or never heard, not from every row."""
     devices = len(current_app.config["DEVICE_IDS"])
-    # EXISTS rather than IN: given IN, SQLite would walk every listed device instead.
-    listed = "EXISTS (SELECT 1 FROM temp.listed WHERE listed.device_key = devices.device_key)"
     down, never = db.execute(
-        f"SELECT (SELECT count(*) FROM devices INDEXED BY devices_down WHERE down_since_ms IS NOT NULL AND {listed}),"
-        f" (SELECT count(*) FROM devices INDEXED BY devices_never_heard WHERE last_heard_ms IS NULL AND {listed})"
+        f"SELECT (SELECT count(*) FROM devices INDEXED BY devices_down WHERE down_since_ms IS NOT NULL AND {LISTED}),"
+        f" (SELECT count(*) FROM devices INDEXED BY devices_never_heard WHERE last_heard_ms IS NULL AND {LISTED})"
     ).fetchone()
     return {"devices": devices, "up": devices - down - never, "down": down, "never": never}
 
@@ -1259,7 +1262,7 @@ def read_fleet_page(db: sqlite3.Connection, text: str, page: int) -> tuple[dict,
     arguments = {"rows": FLEET_PAGE_ROWS, "pattern": id_contains(text)}
     if text:
         matches = db.execute(f"SELECT device_key, down_since_ms IS NOT NULL, last_heard_ms IS NULL FROM devices"
-                             f" WHERE device_key IN temp.listed AND {ID_MATCHES}", arguments).fetchall()
+                             f" WHERE {ID_MATCHES} AND {LISTED}", arguments).fetchall()
         down, never = sum(match[1] for match in matches), sum(match[2] for match in matches)
         counts = {"devices": len(matches), "up": len(matches) - down - never, "down": down, "never": never}
     else:
