@@ -333,11 +333,13 @@ def init_storage(app: Flask) -> None:
                 # Writes nothing for devices it has, so a start needs no free disk space.
                 db.executemany("INSERT INTO devices (device_id) VALUES (?) ON CONFLICT (device_id) DO NOTHING",
                                ((device_id,) for device_id in sorted(app.config["DEVICE_IDS"])))
-            listed_keys = [row["device_key"] for row in db.execute("SELECT device_key, device_id FROM devices")
-                           if row["device_id"] in app.config["DEVICE_IDS"]]
+            # Writes name a device by its key: an integer lookup, not its text id's index.
+            app.config["DEVICE_KEYS"] = {row["device_id"]: row["device_key"]
+                                         for row in db.execute("SELECT device_key, device_id FROM devices")
+                                         if row["device_id"] in app.config["DEVICE_IDS"]}
     except sqlite3.Error as error:
         raise StartupError(f"cannot use database {database}: {error}") from None
-    app.extensions["fleetmon.pool"] = ConnectionPool(database, listed_keys)
+    app.extensions["fleetmon.pool"] = ConnectionPool(database, list(app.config["DEVICE_KEYS"].values()))
     app.teardown_appcontext(release_db)
 
 
@@ -413,7 +415,7 @@ def discard_db() -> None:
         db.close()
 
 
-def store(db: sqlite3.Connection, insert: str, arguments: tuple, device_id: str) -> None:
+def store(db: sqlite3.Connection, insert: str, arguments: tuple, device_key: int) -> None:
     """Store telemetry with one INSERT into a view of schema.sql, whose trigger refuses
     what must not be stored: telemetry from before the device's kept history (it may be
     pruned already, and would count twice) and an upload that would overflow its total."""
@@ -421,7 +423,7 @@ def store(db: sqlite3.Connection, insert: str, arguments: tuple, device_id: str)
         db.execute(insert, arguments)
     except sqlite3.IntegrityError as error:
         if str(error) == "before the kept history":
-            kept_from = db.execute("SELECT kept_from FROM devices WHERE device_id = ?", (device_id,)).fetchone()[0]
+            kept_from = db.execute("SELECT kept_from FROM devices WHERE device_key = ?", (device_key,)).fetchone()[0]
             raise Conflict(f"sent_at is before {minute_to_rfc3339(kept_from)}, where this device's kept history "
                            "begins (older telemetry is pruned); nothing was stored") from None
         if str(error) == "the total would overflow":
@@ -430,19 +432,19 @@ def store(db: sqlite3.Connection, insert: str, arguments: tuple, device_id: str)
         raise
 
 
-def record_heartbeat(db: sqlite3.Connection, device_id: str, minute: int, heard_at_ms: int) -> None:
+def record_heartbeat(db: sqlite3.Connection, device_key: int, minute: int, heard_at_ms: int) -> None:
     """Set the minute's bit in its hour's row and, if it was not set, count it."""
     hour, minute_of_hour = divmod(minute, 60)
     store(db, "INSERT INTO heartbeats VALUES (?, ?, ?, ?, ?)",
-          (device_id, minute, hour, 1 << minute_of_hour, heard_at_ms), device_id)
+          (device_key, minute, hour, 1 << minute_of_hour, heard_at_ms), device_key)
 
 
-def record_upload(db: sqlite3.Connection, device_id: str, sent_at: datetime, upload_time_ns: int,
+def record_upload(db: sqlite3.Connection, device_key: int, sent_at: datetime, upload_time_ns: int,
                   heard_at_ms: int) -> None:
     """Store one upload, its sent_at in whole UTC seconds, and add it to the device's total."""
     minute = (sent_at - UNIX_EPOCH) // ONE_MINUTE
     store(db, "INSERT INTO upload_reports VALUES (?, ?, ?, ?, ?)",
-          (device_id, minute, int(sent_at.timestamp()), upload_time_ns, heard_at_ms), device_id)
+          (device_key, minute, int(sent_at.timestamp()), upload_time_ns, heard_at_ms), device_key)
 
 
 def read_aggregates(db: sqlite3.Connection, device_id: str) -> Aggregates:
@@ -564,7 +566,7 @@ def tell_heard(device_id: str, heard_at_ms: int) -> None:
 def post_heartbeat(device_id: str):
     minute = (sent_at_field(json_object_body()) - UNIX_EPOCH) // ONE_MINUTE
     heard_at = now_ms()
-    record_heartbeat(get_db(), device_id, minute, heard_at)
+    record_heartbeat(get_db(), current_app.config["DEVICE_KEYS"][device_id], minute, heard_at)
     tell_heard(device_id, heard_at)
     return no_content()
 
@@ -575,7 +577,7 @@ def post_stats(device_id: str):
     sent_at = sent_at_field(body)  # validated like a heartbeat's, but no heartbeat
     upload_time = upload_time_field(body)
     heard_at = now_ms()
-    record_upload(get_db(), device_id, sent_at, upload_time, heard_at)
+    record_upload(get_db(), current_app.config["DEVICE_KEYS"][device_id], sent_at, upload_time, heard_at)
     tell_heard(device_id, heard_at)
     return no_content()
 

@@ -94,59 +94,63 @@ CREATE INDEX IF NOT EXISTS alerts_to_deliver ON alerts (id) WHERE NOT delivered;
 -- statements, which costs more than the statements.
 
 -- A device heard: its newest minute (retention counts back from it) and when fleetmon
--- heard it; a device that was down is up again: its outage ends and an alert is queued.
-CREATE VIEW IF NOT EXISTS heard (device_id, minute, heard_at_ms) AS SELECT NULL, NULL, NULL WHERE false;
+-- heard it.
+CREATE VIEW IF NOT EXISTS heard (device_key, minute, heard_at_ms) AS SELECT NULL, NULL, NULL WHERE false;
 CREATE TRIGGER IF NOT EXISTS note_heard INSTEAD OF INSERT ON heard
 BEGIN
-    INSERT INTO alerts (device_key, status, at_ms, last_heard_ms)
-    SELECT device_key, 'up', NEW.heard_at_ms, down_since_ms FROM devices
-    WHERE device_id = NEW.device_id AND down_since_ms IS NOT NULL;
-    UPDATE outages SET ended_ms = NEW.heard_at_ms
-    WHERE (device_key, started_ms) = (SELECT device_key, down_since_ms FROM devices WHERE device_id = NEW.device_id);
-    -- down_since_ms only when it changes: the fleet page's index holds it.
-    UPDATE devices SET down_since_ms = NULL WHERE device_id = NEW.device_id AND down_since_ms IS NOT NULL;
     -- A sent_at from a clock far ahead must not make retention prune the device's real
     -- history: the newest minute goes no further than a day past fleetmon's own clock.
     UPDATE devices SET newest_minute = max(coalesce(newest_minute, bounded.minute), bounded.minute),
                        last_heard_ms = NEW.heard_at_ms
     FROM (SELECT min(NEW.minute, NEW.heard_at_ms / 60000 + 1440) AS minute) AS bounded
-    WHERE device_id = NEW.device_id;
+    WHERE device_key = NEW.device_key;
+END;
+-- A device that was down is up again: its outage ends and an alert is queued.
+CREATE TRIGGER IF NOT EXISTS note_up_again INSTEAD OF INSERT ON heard
+WHEN (SELECT down_since_ms FROM devices WHERE device_key = NEW.device_key) IS NOT NULL
+BEGIN
+    INSERT INTO alerts (device_key, status, at_ms, last_heard_ms)
+    SELECT device_key, 'up', NEW.heard_at_ms, down_since_ms FROM devices WHERE device_key = NEW.device_key;
+    UPDATE outages SET ended_ms = NEW.heard_at_ms
+    WHERE device_key = NEW.device_key
+      AND started_ms = (SELECT down_since_ms FROM devices WHERE device_key = NEW.device_key);
+    -- down_since_ms only when it changes: the fleet page's index holds it.
+    UPDATE devices SET down_since_ms = NULL WHERE device_key = NEW.device_key;
 END;
 
 -- A heartbeat: its minute's bit set in its hour's row, and counted if it was not set.
 -- (hour, minute_bit) is the minute split as Python's divmod splits it, given by the app.
-CREATE VIEW IF NOT EXISTS heartbeats (device_id, minute, hour, minute_bit, heard_at_ms)
+CREATE VIEW IF NOT EXISTS heartbeats (device_key, minute, hour, minute_bit, heard_at_ms)
 AS SELECT NULL, NULL, NULL, NULL, NULL WHERE false;
 CREATE TRIGGER IF NOT EXISTS store_heartbeat INSTEAD OF INSERT ON heartbeats
 BEGIN
     SELECT RAISE(ABORT, 'before the kept history') FROM devices
-    WHERE device_id = NEW.device_id AND NEW.minute < kept_from;
+    WHERE device_key = NEW.device_key AND NEW.minute < kept_from;
     UPDATE devices SET online_minutes = online_minutes + 1,
                        first_minute = min(coalesce(first_minute, NEW.minute), NEW.minute),
                        last_minute = max(coalesce(last_minute, NEW.minute), NEW.minute)
-    WHERE device_id = NEW.device_id AND NOT EXISTS (
+    WHERE device_key = NEW.device_key AND NOT EXISTS (
         SELECT 1 FROM online_hours
-        WHERE online_hours.device_key = devices.device_key AND hour = NEW.hour AND minutes & NEW.minute_bit);
-    INSERT INTO online_hours (device_key, hour, minutes)
-    SELECT device_key, NEW.hour, NEW.minute_bit FROM devices WHERE device_id = NEW.device_id
+        WHERE device_key = NEW.device_key AND hour = NEW.hour AND minutes & NEW.minute_bit);
+    INSERT INTO online_hours (device_key, hour, minutes) VALUES (NEW.device_key, NEW.hour, NEW.minute_bit)
     ON CONFLICT (device_key, hour) DO UPDATE SET minutes = minutes | excluded.minutes
     WHERE minutes & excluded.minutes = 0;
-    INSERT INTO heard VALUES (NEW.device_id, NEW.minute, NEW.heard_at_ms);
+    INSERT INTO heard VALUES (NEW.device_key, NEW.minute, NEW.heard_at_ms);
 END;
 
 -- An upload: numbered, and added to the device's exact total, which it must not overflow
 -- (SQLite would turn the sum into a float).
-CREATE VIEW IF NOT EXISTS upload_reports (device_id, minute, sent_at, upload_time_ns, heard_at_ms)
+CREATE VIEW IF NOT EXISTS upload_reports (device_key, minute, sent_at, upload_time_ns, heard_at_ms)
 AS SELECT NULL, NULL, NULL, NULL, NULL WHERE false;
 CREATE TRIGGER IF NOT EXISTS store_upload INSTEAD OF INSERT ON upload_reports
 BEGIN
     SELECT RAISE(ABORT, 'before the kept history') FROM devices
-    WHERE device_id = NEW.device_id AND NEW.minute < kept_from;
+    WHERE device_key = NEW.device_key AND NEW.minute < kept_from;
     SELECT RAISE(ABORT, 'the total would overflow') FROM devices
-    WHERE device_id = NEW.device_id AND upload_total_ns > 9223372036854775807 - NEW.upload_time_ns;
+    WHERE device_key = NEW.device_key AND upload_total_ns > 9223372036854775807 - NEW.upload_time_ns;
     INSERT INTO uploads (device_key, number, sent_at, upload_time_ns)
-    SELECT device_key, upload_count + 1, NEW.sent_at, NEW.upload_time_ns FROM devices WHERE device_id = NEW.device_id;
+    SELECT device_key, upload_count + 1, NEW.sent_at, NEW.upload_time_ns FROM devices WHERE device_key = NEW.device_key;
     UPDATE devices SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + NEW.upload_time_ns
-    WHERE device_id = NEW.device_id;
-    INSERT INTO heard VALUES (NEW.device_id, NEW.minute, NEW.heard_at_ms);
+    WHERE device_key = NEW.device_key;
+    INSERT INTO heard VALUES (NEW.device_key, NEW.minute, NEW.heard_at_ms);
 END;
