@@ -109,10 +109,15 @@ def utc_datetime(sent_at: str) -> datetime:
         raise ValueError(f"outside years 1-9999 in UTC: {sent_at!r}") from None
 
 
+def minute_of(moment: datetime) -> int:
+    """The minute that contains a moment, in minutes since the Unix epoch."""
+    return (moment - UNIX_EPOCH) // ONE_MINUTE
+
+
 def utc_minute(sent_at: str) -> int:
     """The UTC minute that contains an RFC 3339 date-time, in minutes since the Unix
     epoch: the seconds and their fraction dropped. Raises ValueError as utc_datetime."""
-    return (utc_datetime(sent_at) - UNIX_EPOCH) // ONE_MINUTE
+    return minute_of(utc_datetime(sent_at))
 
 
 def minute_to_rfc3339(minute: int) -> str:
@@ -442,7 +447,7 @@ def record_heartbeat(db: sqlite3.Connection, device_key: int, minute: int, heard
 def record_upload(db: sqlite3.Connection, device_key: int, sent_at: datetime, upload_time_ns: int,
                   heard_at_ms: int) -> None:
     """Store one upload, its sent_at in whole UTC seconds, and add it to the device's total."""
-    minute = (sent_at - UNIX_EPOCH) // ONE_MINUTE
+    minute = minute_of(sent_at)
     store(db, "INSERT INTO upload_reports VALUES (?, ?, ?, ?, ?)",
           (device_key, minute, int(sent_at.timestamp()), upload_time_ns, heard_at_ms), device_key)
 
@@ -564,7 +569,7 @@ def tell_heard(device_id: str, heard_at_ms: int) -> None:
 
 @api.post("/api/v1/devices/<device_id>/heartbeat")
 def post_heartbeat(device_id: str):
-    minute = (sent_at_field(json_object_body()) - UNIX_EPOCH) // ONE_MINUTE
+    minute = minute_of(sent_at_field(json_object_body()))
     heard_at = now_ms()
     record_heartbeat(get_db(), current_app.config["DEVICE_KEYS"][device_id], minute, heard_at)
     tell_heard(device_id, heard_at)
