@@ -16,7 +16,6 @@ saying so, the fleet and device pages, metrics, retention, the debug views and t
 import argparse
 import csv
 import errno
-import functools
 import http.client
 import json
 import logging
@@ -1096,13 +1095,9 @@ LIST_LIMIT = 1000
 FLEET_PAGE_ROWS = 100
 MAX_FLEET_PAGE = 1_000_000
 MAX_FILTER_CHARACTERS = 200
-FULL_HOUR = (1 << 60) - 1  # every minute of an hour online
 FLEET_STRIP_MINUTES = 24 * 60
+QUARTER = (1 << 15) - 1  # the minutes of a quarter hour, as bits of an hour's
 DEVICE_STRIP_MINUTES = 7 * 24 * 60
-# A strip is drawn in cells of so many minutes (a divisor of 60), at most 96 on the fleet
-# page and 168 on a device's, so that a page costs the same whatever its devices' gaps.
-FLEET_STRIP_CELL_MINUTES = 15
-DEVICE_STRIP_CELL_MINUTES = 60
 OUTAGES_SHOWN = 20
 # The fleet page's order, as the index devices_by_concern of schema.sql has it, so that a
 # page of it is a walk along that index.
@@ -1238,17 +1233,6 @@ def about_this_server() -> dict:
 LISTED = "EXISTS (SELECT 1 FROM temp.listed WHERE listed.device_key = devices.device_key)"
 
 
-def count_by_status(db: sqlite3.Connection) -> dict:
-    """How many listed devices are up, down, never heard: from the indexes of the few
-    that are down or never heard, not from every row."""
-    devices = len(current_app.config["DEVICE_IDS"])
-    down, never = db.execute(
-        f"SELECT (SELECT count(*) FROM devices INDEXED BY devices_down WHERE down_since_ms IS NOT NULL AND {LISTED}),"
-        f" (SELECT count(*) FROM devices INDEXED BY devices_never_heard WHERE last_heard_ms IS NULL AND {LISTED})"
-    ).fetchone()
-    return {"devices": devices, "up": devices - down - never, "down": down, "never": never}
-
-
 ID_MATCHES = "device_id LIKE :pattern ESCAPE '\\'"
 
 
@@ -1258,27 +1242,39 @@ def id_contains(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+def count_by_status(db: sqlite3.Connection, devices: int, text: str = "") -> dict:
+    """How many of the listed devices whose id contains text (devices in all) are up,
+    down and never heard: the few down or never heard counted along their own indexes,
+    not over every row."""
+    down, never = db.execute(
+        f"SELECT (SELECT count(*) FROM devices INDEXED BY devices_down"
+        f"        WHERE down_since_ms IS NOT NULL AND {ID_MATCHES} AND {LISTED}),"
+        f" (SELECT count(*) FROM devices INDEXED BY devices_never_heard"
+        f"        WHERE last_heard_ms IS NULL AND {ID_MATCHES} AND {LISTED})", {"pattern": id_contains(text)}
+    ).fetchone()
+    return {"devices": devices, "up": devices - down - never, "down": down, "never": never}
+
+
 def read_fleet_page(db: sqlite3.Connection, text: str, page: int) -> tuple[dict, int, int, list[sqlite3.Row]]:
     """The counts, the page (past the end: the last), the number of pages, and the rows
     of that page of the listed devices whose id contains text, in the fleet page's order.
 
-    Without a filter, a walk along the index. With one, a single pass over the ids finds
-    the matches and counts them; few matches are then sorted, many are found along the
-    index, where they are dense enough to fill a page quickly.
+    Without a filter, a walk along the index. With one, a pass over the index of ids
+    finds the matches; few are then sorted, many are found along the index, where they
+    are dense enough to fill a page quickly.
     """
     arguments = {"rows": FLEET_PAGE_ROWS, "pattern": id_contains(text)}
     if text:
-        matches = db.execute(f"SELECT device_key, down_since_ms IS NOT NULL, last_heard_ms IS NULL FROM devices"
-                             f" WHERE {ID_MATCHES} AND {LISTED}", arguments).fetchall()
-        down, never = sum(match[1] for match in matches), sum(match[2] for match in matches)
-        counts = {"devices": len(matches), "up": len(matches) - down - never, "down": down, "never": never}
+        matches = [key for (key,) in db.execute(f"SELECT device_key FROM devices WHERE {ID_MATCHES} AND {LISTED}",
+                                                arguments)]
+        counts = count_by_status(db, len(matches), text)
     else:
-        counts = count_by_status(db)
+        counts = count_by_status(db, len(current_app.config["DEVICE_IDS"]))
     pages = max(1, math.ceil(counts["devices"] / FLEET_PAGE_ROWS))
     page = min(page, pages)
     arguments["offset"] = (page - 1) * FLEET_PAGE_ROWS
     if text and len(matches) <= FILTER_SORTS_UP_TO:
-        arguments["keys"] = json.dumps([match[0] for match in matches])
+        arguments["keys"] = json.dumps(matches)
         rows = db.execute(f"SELECT * FROM devices WHERE device_key IN (SELECT value FROM json_each(:keys))"
                           f" ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset", arguments).fetchall()
     else:
@@ -1298,7 +1294,7 @@ def fleet_page(text: str, page: int) -> str:
 
     return render_template(
         "fleet.html", counts=counts, q=text, page=page, pages=pages,
-        rows=[device_row(db, row, now, FLEET_STRIP_MINUTES, FLEET_STRIP_CELL_MINUTES) for row in rows],
+        rows=[device_row(db, row, now, FLEET_STRIP_MINUTES) for row in rows],
         prev_url=page_url(page - 1), next_url=page_url(page + 1),
         keep_days=current_app.config["KEEP_DAYS"],
     )
@@ -1314,15 +1310,15 @@ def device_page(device_id: str):
         outages = [{**outage, "lasted": short_duration(int(outage["seconds"] * 1000)) if outage["ended"] else
                     f"{short_duration(now - int(datetime.fromisoformat(outage['started']).timestamp() * 1000))} so far"}
                    for outage in read_outages(db, device["device_key"])]
-        return render_template("device.html", device=device_row(db, device, now, DEVICE_STRIP_MINUTES, DEVICE_STRIP_CELL_MINUTES),
+        return render_template("device.html", device=device_row(db, device, now, DEVICE_STRIP_MINUTES),
                                outages=outages, keep_days=current_app.config["KEEP_DAYS"])
 
     return negotiated(html, lambda: get_device(device_id))
 
 
-def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minutes: int, cell_minutes: int) -> dict:
+def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minutes: int) -> dict:
     """What a page shows of a device: its view, how long since it was heard, its average
-    as a person reads it (the exact one on hover) and its strip of online minutes."""
+    as a person reads it (the exact one on hover) and its online minutes for the strip."""
     view = device_view(device)
     status = view["status"]
     if status == "never":
@@ -1331,18 +1327,20 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
         since = f"down for {short_duration(now - device['down_since_ms'])}"
     else:
         since = f"last heard {short_duration(now - device['last_heard_ms'])} ago"
-    strip, label = [], ""
+    strip = None
     if device["online_minutes"]:
         last = device["last_minute"]
         first = max(device["first_minute"], device["kept_from"] or device["first_minute"], last - strip_minutes + 1)
         hours = db.execute("SELECT hour, minutes FROM online_hours WHERE device_key = ? AND hour BETWEEN ? AND ?",
                            (device["device_key"], first // 60, last // 60)).fetchall()
-        runs = online_runs(dict(hours), first, last, cell_minutes)
-        strip = [{"state": state, "minutes": end - start + 1, "title": run_title(state, start, end, online)}
-                 for state, start, end, online in runs]
-        online = sum(run[3] for run in runs)
-        span = last - first  # exclusive, as uptime counts it
-        label = f"{min(online, span)} of {span} minute{'s' if span != 1 else ''} online" if span else "1 minute online"
+        quarters = online_quarters(dict(hours), first, last)
+        online, span = sum(int(digit, 16) for digit in quarters), last - first  # exclusive, as uptime counts it
+        strip = {
+            "from": minute_to_rfc3339(first),
+            "to": minute_to_rfc3339(last),
+            "quarters": quarters,
+            "label": f"{min(online, span)} of {span} minute{'s' if span != 1 else ''} online" if span else "1 minute online",
+        }
     return {
         **view,
         "since": since,
@@ -1351,61 +1349,27 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
         "upload_count": device["upload_count"],
         "average": human_duration(mean_ns(device["upload_total_ns"], device["upload_count"])),
         "strip": strip,
-        "strip_label": label,
-        "strip_from": minute_to_rfc3339(first) if strip else None,
-        "strip_to": minute_to_rfc3339(last) if strip else None,
-        "gaps": sum(1 for run in strip if run["state"] != "on"),
     }
 
 
-def online_runs(bits_of_hour: dict[int, int], first: int, last: int, cell_minutes: int) -> list[tuple[str, int, int, int]]:
-    """The minutes from first to last in cells of cell_minutes (a divisor of 60, on the
-    clock's marks), as runs of (state, first minute, last minute, minutes online): "on"
-    and "off" runs of whole cells online or missed, "part" a cell of both. So a strip has
-    a bounded number of runs, however many gaps its device had.
+def online_quarters(bits_of_hour: dict[int, int], first: int, last: int) -> str:
+    """The online minutes from first to last, as a hex digit per quarter hour (from the
+    one of first to the one of last): how many of its minutes in that span were online.
+    The page's script draws the strip from them, so a page sends a character per quarter
+    hour rather than markup per gap.
 
-    ({0: 0b111}, 0, 9, 5) gives [("part", 0, 4, 3), ("off", 5, 9, 0)].
+    ({0: 0b111, 1: 1 << 59}, 2, 119) gives "10000001": minutes 2 and 119 online.
     """
-    runs: list[tuple[str, int, int, int]] = []
-
-    def add(state: str, low: int, high: int, online: int) -> None:
-        if runs and state != "part" and runs[-1][0] == state:
-            runs[-1] = (state, runs[-1][1], high, runs[-1][3] + online)
-        else:
-            runs.append((state, low, high, online))
-
-    start = first - first % cell_minutes
-    while start <= last:
-        hour, offset = divmod(start, 60)
+    quarters = []
+    for hour in range(first // 60, last // 60 + 1):
         bits = bits_of_hour.get(hour, 0)
-        if offset == 0 and start >= first and start + 59 <= last and bits in (0, FULL_HOUR):
-            add("on" if bits else "off", start, start + 59, 60 if bits else 0)  # a whole hour at once
-            start += 60
-            continue
-        low, high = max(start, first), min(start + cell_minutes - 1, last)
-        width = high - low + 1
-        online = (bits >> (low - hour * 60) & (1 << width) - 1).bit_count()
-        add("on" if online == width else "off" if online == 0 else "part", low, high, online)
-        start += cell_minutes
-    return runs
-
-
-@functools.lru_cache(maxsize=4096)
-def utc_date(day: int) -> str:
-    """The date of a day since 1970, as 2024-01-01."""
-    return (UNIX_EPOCH + timedelta(days=day)).strftime("%Y-%m-%d")
-
-
-def run_title(state: str, start: int, end: int, online: int) -> str:
-    """A run of the strip, as its tooltip says it: "missed 2024-01-01 10:03–10:04 UTC (2 min)"."""
-    (first_day, first_time), (last_day, last_time) = divmod(start, 1440), divmod(end, 1440)
-    span = f"{utc_date(first_day)} {first_time // 60:02d}:{first_time % 60:02d}"
-    if end > start:
-        span += "–" + (f"{utc_date(last_day)} " if last_day != first_day else "") + f"{last_time // 60:02d}:{last_time % 60:02d}"
-    minutes = end - start + 1
-    if state == "part":
-        return f"{span} UTC: {online} of {minutes} min online"
-    return f"{'online' if state == 'on' else 'missed'} {span} UTC ({minutes} min)"
+        if hour == first // 60:
+            bits &= -1 << first % 60
+        if hour == last // 60:
+            bits &= (1 << last % 60 + 1) - 1
+        quarters.append(f"{(bits & QUARTER).bit_count():x}{(bits >> 15 & QUARTER).bit_count():x}"
+                        f"{(bits >> 30 & QUARTER).bit_count():x}{(bits >> 45).bit_count():x}")
+    return "".join(quarters)[first % 60 // 15:4 * len(quarters) - 3 + last % 60 // 15]
 
 
 def human_duration(ns: int) -> str:
@@ -1462,7 +1426,7 @@ class FleetCollector:
         yield telemetry
         with self.app.app_context():
             db = get_db()
-            counts = count_by_status(db)
+            counts = count_by_status(db, len(self.app.config["DEVICE_IDS"]))
             devices = GaugeMetricFamily("fleetmon_devices", "Devices of the devices file, by status", labels=["status"])
             for status in STATUSES:
                 devices.add_metric([status], counts[status])

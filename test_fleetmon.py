@@ -2185,13 +2185,13 @@ def test_down_after_refuses_what_is_no_time(tmp_path, capsys, text):
     assert "is not a time: give seconds, or a number with s, m or h, like 5m" in capsys.readouterr().err
 
 
-def test_online_runs_are_cells_of_the_bits_of_each_hour():
+def test_online_quarters_count_the_minutes_of_each_quarter_hour_in_the_span():
     full = (1 << 60) - 1
-    assert fleetmon.online_runs({0: 0b111}, 0, 9, 5) == [("part", 0, 4, 3), ("off", 5, 9, 0)]
-    assert fleetmon.online_runs({1: full, 2: full}, 30, 185, 15) == [
-        ("off", 30, 59, 0), ("on", 60, 179, 120), ("off", 180, 185, 0)]
-    assert fleetmon.online_runs({0: full, 1: 1}, 0, 150, 60) == [("on", 0, 59, 60), ("part", 60, 119, 1), ("off", 120, 150, 0)]
-    assert fleetmon.online_runs({}, 5, 9, 15) == [("off", 5, 9, 0)]
+    assert fleetmon.online_quarters({0: 0b111, 1: 1 << 59}, 2, 119) == "10000001"
+    assert fleetmon.online_quarters({1: full, 2: full}, 30, 185) == "00" "ffffffff" "0"
+    assert fleetmon.online_quarters({0: full}, 7, 22) == "88"  # 7-14 and 15-22
+    assert fleetmon.online_quarters({-1: full}, -1, -1) == "1"  # before 1970
+    assert fleetmon.online_quarters({}, 5, 9) == "0"
 
 
 # --- The fleet's API and device pages -----------------------------------------------------
@@ -2291,25 +2291,29 @@ def test_the_fleet_page_lists_the_worst_uptime_first_and_silent_devices_last(cli
     assert '<span class="pct">20.000 %</span>' in page
 
 
-def test_the_online_strip_counts_minutes_as_uptime_does_in_15_minute_cells(client):
+def strips(page):
+    """The online strips of a page, as (label, from, to, quarters)."""
+    return re.findall(r'<div class="strip" role="group" aria-label="([^"]*)" title="[^"]*"\s+'
+                      r'data-from="([^"]*)" data-to="([^"]*)" data-quarters="([0-9a-f]*)"></div>', page)
+
+
+def test_the_online_strip_counts_minutes_as_uptime_does_by_the_quarter_hour(client):
     online = [*range(15), *range(30, 35), *range(45, 61)]  # 10:00-10:14, 10:30-10:34, 10:45-11:00
     send(client, *(heartbeat(minute_of_day(minute)) for minute in online))
-    page = fleet_page(client)
-    assert 'aria-label="36 of 60 minutes online, 2 gaps"' in page  # 60 %, as its uptime
-    assert re.findall(r'<span class="(\w+)" style="flex-grow: (\d+)" title="([^"]*)"', page) == [
-        ("on", "15", "online 2024-01-01 10:00–10:14 UTC (15 min)"),
-        ("off", "15", "missed 2024-01-01 10:15–10:29 UTC (15 min)"),
-        ("part", "15", "2024-01-01 10:30–10:44 UTC: 5 of 15 min online"),
-        ("on", "16", "online 2024-01-01 10:45–11:00 UTC (16 min)"),
-    ]
+    assert strips(fleet_page(client)) == [
+        ("36 of 60 minutes online", "2024-01-01T10:00:00Z", "2024-01-01T11:00:00Z", "f05f1")]  # 60 %, as its uptime
     send(client, *(heartbeat(minute_of_day(minute)) for minute in range(61)))
-    assert 'aria-label="60 of 60 minutes online, 0 gaps"' in fleet_page(client)  # not "61 of 60"
+    assert strips(fleet_page(client))[0][0] == "60 of 60 minutes online"  # not "61 of 60"
 
 
 def test_the_online_strip_covers_the_last_24_hours_at_most(client):
     for minute in (0, 1, 3_000, 3_001):
         send(client, heartbeat(minute_of_day(minute)))
-    assert 'aria-label="2 of 1439 minutes online, 1 gap"' in fleet_page(client)
+    (label, start, end, quarters), = strips(fleet_page(client))
+    assert (label, start, end) == ("2 of 1439 minutes online", "2024-01-02T12:02:00Z", "2024-01-03T12:01:00Z")
+    assert quarters == "0" * 96 + "2"  # 12:02-12:14 on the second day, ..., 12:00-12:01 on the third
+    assert strips(client.get(f"/devices/{DEVICE}", headers=HTML).get_data(as_text=True)) == [  # 7 days at most
+        ("4 of 3001 minutes online", "2024-01-01T10:00:00Z", "2024-01-03T12:01:00Z", "2" + "0" * 199 + "2")]
 
 
 def test_the_fleet_page_of_a_fleet_that_sent_nothing(client):

@@ -27,6 +27,11 @@ def row_text(driver, device_id):
     return rows[0].text
 
 
+def strip_titles(driver, device_id):
+    runs = driver.find_elements(By.XPATH, f"//tbody/tr[.//*[normalize-space()='{device_id}']]//div[@class='strip']/span")
+    return [run.get_attribute("title") for run in runs]
+
+
 def post(url, body):  # urllib raises on an error status
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     urllib.request.urlopen(request, timeout=10).close()
@@ -58,6 +63,13 @@ def checks(driver, base):
     wait_for(driver, lambda driver: all(part in row_text(driver, DEVICE) for part in ("up", "100.000 %", "1.5 s")),
              f"{DEVICE} up at 100.000 % and 1.5 s: {row_text(driver, DEVICE)!r}")
     yield f"{DEVICE}'s heartbeats and upload show up without a reload"
+    for minute in ("10:00", "10:30"):
+        post(f"{base}/api/v1/devices/{DEVICES[1]}/heartbeat", {"sent_at": f"2024-01-01T{minute}:00Z"})
+    drawn = ["2024-01-01 10:00–10:14 UTC: 1 of 15 min online", "missed 2024-01-01 10:15–10:29 UTC (15 min)",
+             "online 2024-01-01 10:30 UTC (1 min)"]
+    wait_for(driver, lambda driver: strip_titles(driver, DEVICES[1]) == drawn,
+             f"{DEVICES[1]}'s strip drawn as {drawn}: {strip_titles(driver, DEVICES[1])}")
+    yield "the page's script draws a strip from its quarter hours, each run titled"
     wait_for(driver, lambda driver: "down for" in row_text(driver, DEVICE),
              f"{DEVICE} down: {row_text(driver, DEVICE)!r}")
     assert driver.execute_script("return window.notReloaded") is True, "the page was reloaded"
