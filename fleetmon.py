@@ -1233,54 +1233,54 @@ def about_this_server() -> dict:
 LISTED = "EXISTS (SELECT 1 FROM temp.listed WHERE listed.device_key = devices.device_key)"
 
 
-ID_MATCHES = "device_id LIKE :pattern ESCAPE '\\'"
+# A device among a filter's matches, given as a JSON list of device keys.
+MATCHED = "device_key IN (SELECT value FROM json_each(:keys))"
 
 
-def id_contains(text: str) -> str:
-    """A LIKE pattern for ids that contain text, in any case (SQLite's LIKE ignores the
-    case of ASCII letters), its own % and _ taken as they are."""
-    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
-def count_by_status(db: sqlite3.Connection, devices: int, text: str = "") -> dict:
-    """How many of the listed devices whose id contains text (devices in all) are up,
-    down and never heard: the few down or never heard counted along their own indexes,
-    not over every row."""
-    down, never = db.execute(
-        f"SELECT (SELECT count(*) FROM devices INDEXED BY devices_down"
-        f"        WHERE down_since_ms IS NOT NULL AND {ID_MATCHES} AND {LISTED}),"
-        f" (SELECT count(*) FROM devices INDEXED BY devices_never_heard"
-        f"        WHERE last_heard_ms IS NULL AND {ID_MATCHES} AND {LISTED})", {"pattern": id_contains(text)}
-    ).fetchone()
+def count_by_status(db: sqlite3.Connection, devices: int, among: set[int] | None = None) -> dict:
+    """How many of the listed devices, or of those among the given keys (devices in all),
+    are up, down and never heard: the few down or never heard read along their own
+    indexes, not every row."""
+    if among is None:
+        down, never = db.execute(
+            f"SELECT (SELECT count(*) FROM devices INDEXED BY devices_down WHERE down_since_ms IS NOT NULL AND {LISTED}),"
+            f" (SELECT count(*) FROM devices INDEXED BY devices_never_heard WHERE last_heard_ms IS NULL AND {LISTED})"
+        ).fetchone()
+    else:
+        down, never = (sum(key in among for (key,) in db.execute(f"SELECT device_key FROM devices {these}"))
+                       for these in ("INDEXED BY devices_down WHERE down_since_ms IS NOT NULL",
+                                     "INDEXED BY devices_never_heard WHERE last_heard_ms IS NULL"))
     return {"devices": devices, "up": devices - down - never, "down": down, "never": never}
 
 
 def read_fleet_page(db: sqlite3.Connection, text: str, page: int) -> tuple[dict, int, int, list[sqlite3.Row]]:
     """The counts, the page (past the end: the last), the number of pages, and the rows
-    of that page of the listed devices whose id contains text, in the fleet page's order.
+    of that page of the listed devices whose id contains text in any case, in the fleet
+    page's order.
 
-    Without a filter, a walk along the index. With one, a pass over the index of ids
-    finds the matches; few are then sorted, many are found along the index, where they
-    are dense enough to fill a page quickly.
+    Without a filter, a walk along the index. With one, the ids in memory are searched
+    (faster than SQLite's LIKE over the index of ids); few matches are then sorted, many
+    are found along the index, where they are dense enough to fill a page quickly.
     """
-    arguments = {"rows": FLEET_PAGE_ROWS, "pattern": id_contains(text)}
+    device_keys = current_app.config["DEVICE_KEYS"]
+    arguments = {"rows": FLEET_PAGE_ROWS}
     if text:
-        matches = [key for (key,) in db.execute(f"SELECT device_key FROM devices WHERE {ID_MATCHES} AND {LISTED}",
-                                                arguments)]
-        counts = count_by_status(db, len(matches), text)
+        needle = text.casefold()
+        matches = [key for device_id, key in device_keys.items() if needle in device_id.casefold()]
+        arguments["keys"] = json.dumps(matches)
+        counts = count_by_status(db, len(matches), set(matches))
     else:
-        counts = count_by_status(db, len(current_app.config["DEVICE_IDS"]))
+        counts = count_by_status(db, len(device_keys))
     pages = max(1, math.ceil(counts["devices"] / FLEET_PAGE_ROWS))
     page = min(page, pages)
     arguments["offset"] = (page - 1) * FLEET_PAGE_ROWS
     if text and len(matches) <= FILTER_SORTS_UP_TO:
-        arguments["keys"] = json.dumps(matches)
-        rows = db.execute(f"SELECT * FROM devices WHERE device_key IN (SELECT value FROM json_each(:keys))"
-                          f" ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset", arguments).fetchall()
-    else:
-        rows = db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern WHERE device_key IN temp.listed"
-                          f" AND {ID_MATCHES if text else 'true'} ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset",
+        rows = db.execute(f"SELECT * FROM devices WHERE {MATCHED} ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset",
                           arguments).fetchall()
+    else:
+        rows = db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern"
+                          f" WHERE {MATCHED if text else 'device_key IN temp.listed'}"
+                          f" ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset", arguments).fetchall()
     return counts, page, pages, rows
 
 
@@ -1333,8 +1333,8 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
         first = max(device["first_minute"], device["kept_from"] or device["first_minute"], last - strip_minutes + 1)
         hours = db.execute("SELECT hour, minutes FROM online_hours WHERE device_key = ? AND hour BETWEEN ? AND ?",
                            (device["device_key"], first // 60, last // 60)).fetchall()
-        quarters = online_quarters(dict(hours), first, last)
-        online, span = sum(int(digit, 16) for digit in quarters), last - first  # exclusive, as uptime counts it
+        online, quarters = online_quarters(dict(hours), first, last)
+        span = last - first  # exclusive, as uptime counts it
         strip = {
             "from": minute_to_rfc3339(first),
             "to": minute_to_rfc3339(last),
@@ -1352,24 +1352,25 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
     }
 
 
-def online_quarters(bits_of_hour: dict[int, int], first: int, last: int) -> str:
-    """The online minutes from first to last, as a hex digit per quarter hour (from the
-    one of first to the one of last): how many of its minutes in that span were online.
-    The page's script draws the strip from them, so a page sends a character per quarter
-    hour rather than markup per gap.
+def online_quarters(bits_of_hour: dict[int, int], first: int, last: int) -> tuple[int, str]:
+    """The minutes from first to last online: how many, and a hex digit per quarter hour
+    (from the one of first to the one of last) saying how many of its minutes in that
+    span were. The page's script draws the strip from the digits, so a page sends a
+    character per quarter hour rather than markup per gap.
 
-    ({0: 0b111, 1: 1 << 59}, 2, 119) gives "10000001": minutes 2 and 119 online.
+    ({0: 0b111, 1: 1 << 59}, 2, 119) gives (2, "10000001"): minutes 2 and 119.
     """
-    quarters = []
+    online, quarters = 0, []
     for hour in range(first // 60, last // 60 + 1):
         bits = bits_of_hour.get(hour, 0)
         if hour == first // 60:
             bits &= -1 << first % 60
         if hour == last // 60:
             bits &= (1 << last % 60 + 1) - 1
+        online += bits.bit_count()
         quarters.append(f"{(bits & QUARTER).bit_count():x}{(bits >> 15 & QUARTER).bit_count():x}"
                         f"{(bits >> 30 & QUARTER).bit_count():x}{(bits >> 45).bit_count():x}")
-    return "".join(quarters)[first % 60 // 15:4 * len(quarters) - 3 + last % 60 // 15]
+    return online, "".join(quarters)[first % 60 // 15:4 * len(quarters) - 3 + last % 60 // 15]
 
 
 def human_duration(ns: int) -> str:
@@ -1426,7 +1427,7 @@ class FleetCollector:
         yield telemetry
         with self.app.app_context():
             db = get_db()
-            counts = count_by_status(db, len(self.app.config["DEVICE_IDS"]))
+            counts = count_by_status(db, len(self.app.config["DEVICE_KEYS"]))
             devices = GaugeMetricFamily("fleetmon_devices", "Devices of the devices file, by status", labels=["status"])
             for status in STATUSES:
                 devices.add_metric([status], counts[status])
