@@ -5,6 +5,7 @@ alert receiver and a large fleet.
     python benchmark.py --quick             every section briefly, as a smoke run
     python benchmark.py --against DIR       beside an earlier fleetmon: DIR/fleetmon.py
     python benchmark.py --only 6,7          some sections only
+    python benchmark.py --only 1 --rounds 9 more turns in sections 1 to 3, for steadier medians
 
 It prints figures and asserts nothing. Each server it measures is a process of its own on
 a free loopback port, with its database in a temporary folder; by the end every one is
@@ -74,7 +75,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from importlib.metadata import version
@@ -1504,6 +1505,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--against", type=Path, metavar="DIR",
                         help="also measure DIR/fleetmon.py, an earlier fleetmon, in sections 1, 2 and 6")
     parser.add_argument("--only", type=section_numbers, metavar="N,N", help="run these sections only")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="turns each server takes in sections 1 to 3 (more rounds, steadier medians)")
     # The benchmark runs itself in other processes as the floor server and the load generator.
     parser.add_argument("--serve-floor", type=int, metavar="THREADS", help=argparse.SUPPRESS)
     parser.add_argument("--generate-load", action="store_true", help=argparse.SUPPRESS)
@@ -1519,6 +1522,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--against {args.against}: there is no fleetmon.py in it")
 
     plan = QUICK if args.quick else FULL
+    if args.rounds:
+        plan = replace(plan, rounds=args.rounds)
     sys.stdout.reconfigure(line_buffering=True)  # each figure as soon as it is known
     # Whatever else the machine runs takes CPU from the servers and moves every figure.
     print(f"fleetmon benchmark{' (quick)' if args.quick else ''}: {os.cpu_count()} cores, {load_average()}, "
