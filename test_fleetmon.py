@@ -1951,7 +1951,7 @@ def test_down_after_refuses_what_is_no_time(tmp_path, capsys, text):
 def test_online_quarters_count_the_minutes_of_each_quarter_hour_in_the_span():
     full = (1 << 60) - 1
     assert fleetmon.online_quarters({0: 0b111, 1: 1 << 59}, 2, 119) == (2, "10000001")
-    assert fleetmon.online_quarters({1: full, 2: full}, 30, 185) == (120, "00" "ffffffff" "0")
+    assert fleetmon.online_quarters({1: full, 2: full}, 30, 185) == (120, "00ffffffff0")  # 0:30-0:59 missed, 1:00-2:59 online, 3:00-3:05 missed
     assert fleetmon.online_quarters({0: full}, 7, 22) == (16, "88")  # 7-14 and 15-22
     assert fleetmon.online_quarters({-1: full}, -1, -1) == (1, "1")  # before 1970
     assert fleetmon.online_quarters({}, 5, 9) == (0, "0")
