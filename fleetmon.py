@@ -1044,7 +1044,12 @@ class Housekeeping:
         self.stop = threading.Event()
         self.db = connect(self.database)
         self.delivery_db = connect(self.database)
-        self.watch = Watch(self.db, down_after_seconds, time.monotonic(), announce, app.config["DEVICE_IDS"])
+        try:
+            self.watch = Watch(self.db, down_after_seconds, time.monotonic(), announce, app.config["DEVICE_IDS"])
+        except sqlite3.Error as error:  # the database is read as the server starts
+            self.db.close()
+            self.delivery_db.close()
+            raise StartupError(f"cannot use database {self.database}: {error}") from None
         self.delivery = AlertDelivery(alert_url, announce)
         self.pruning = Pruning(keep_days) if keep_days else None
         self.next_checkpoint = 0.0
@@ -1329,7 +1334,8 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
     strip = None
     if device["online_minutes"]:
         last = device["last_minute"]
-        first = max(device["first_minute"], device["kept_from"] or device["first_minute"], last - strip_minutes + 1)
+        first = max(minute for minute in (device["first_minute"], device["kept_from"], last - strip_minutes + 1)
+                    if minute is not None)
         hours = db.execute("SELECT hour, minutes FROM online_hours WHERE device_key = ? AND hour BETWEEN ? AND ?",
                            (device["device_key"], first // 60, last // 60)).fetchall()
         online, quarters = online_quarters(dict(hours), first, last)

@@ -1450,6 +1450,8 @@ def start_with(capsys, *args):
         (["--db", "{tmp}"], "cannot use database {tmp}: unable to open database file"),
         (["--db", "{tmp}/notes.txt"], "cannot use database {tmp}/notes.txt: file is not a database"),
         *((["--port", str(port)], f"port {port} is outside 0-65535") for port in (-1, 65536, 99999)),
+        (["--keep-days", "0"], "--keep-days must be 1 or more, not 0"),
+        (["--alert-url", "hooks.example/x"], "--alert-url must be an http:// or https:// URL, not 'hooks.example/x'"),
     ],
 )
 def test_an_unusable_database_or_port_stops_the_start_with_one_line(tmp_path, capsys, args, message):
@@ -1467,6 +1469,26 @@ def test_a_port_in_use_stops_the_start_with_one_line(tmp_path, capsys):
     assert (status, printed) == (
         1, f"fleetmon: cannot listen on 127.0.0.1:{port}: the port is in use (another fleetmon? --port chooses another)\n"
     )
+
+
+def test_a_database_failing_as_the_watch_starts_stops_the_start_with_one_line(tmp_path, capsys, monkeypatch):
+    opened, real_connect = [], fleetmon.connect
+
+    def connect(database):
+        opened.append(real_connect(database))
+        return opened[-1]
+
+
+    def watch_failing(db, *args):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(fleetmon, "connect", connect)
+    monkeypatch.setattr(fleetmon, "Watch", watch_failing)
+    assert start_with(capsys, "--port", 0, "--db", tmp_path / "fleetmon.db") == (
+        1, f"fleetmon: cannot use database {tmp_path / 'fleetmon.db'}: disk I/O error\n")
+    for db in opened:  # every connection it opened, closed
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            db.execute("SELECT 1")
 
 
 # --- The server window --------------------------------------------------------------------
