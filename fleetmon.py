@@ -1101,8 +1101,8 @@ FLEET_PAGE_ROWS = 50
 MAX_FLEET_PAGE = 1_000_000
 MAX_FILTER_CHARACTERS = 200
 FLEET_STRIP_MINUTES = 24 * 60
-QUARTER = (1 << 15) - 1  # the minutes of a quarter hour, as bits of an hour's
 DEVICE_STRIP_MINUTES = 7 * 24 * 60
+QUARTER = (1 << 15) - 1  # the minutes of a quarter hour, as bits of an hour's
 OUTAGES_SHOWN = 20
 # The fleet page's order, as the index devices_by_concern of schema.sql has it, so that a
 # page of it is a walk along that index.
