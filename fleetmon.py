@@ -31,7 +31,7 @@ import urllib.request
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from operator import attrgetter
 from pathlib import Path
@@ -1042,14 +1042,14 @@ class Housekeeping:
                  announce=print):
         self.database = app.config["DATABASE"]
         self.stop = threading.Event()
-        self.db = connect(self.database)
-        self.delivery_db = connect(self.database)
-        try:
-            self.watch = Watch(self.db, down_after_seconds, time.monotonic(), announce, app.config["DEVICE_IDS"])
-        except sqlite3.Error as error:  # the database is read as the server starts
-            self.db.close()
-            self.delivery_db.close()
-            raise StartupError(f"cannot use database {self.database}: {error}") from None
+        with ExitStack() as opened:  # closed again if the start goes no further
+            try:
+                self.db = opened.enter_context(closing(connect(self.database)))
+                self.delivery_db = opened.enter_context(closing(connect(self.database)))
+                self.watch = Watch(self.db, down_after_seconds, time.monotonic(), announce, app.config["DEVICE_IDS"])
+            except sqlite3.Error as error:  # the database is read as the server starts
+                raise StartupError(f"cannot use database {self.database}: {error}") from None
+            self.connections = opened.pop_all()
         self.delivery = AlertDelivery(alert_url, announce)
         self.pruning = Pruning(keep_days) if keep_days else None
         self.next_checkpoint = 0.0
@@ -1090,8 +1090,7 @@ class Housekeeping:
         for thread in self.threads:
             if thread.is_alive():
                 thread.join()
-        self.db.close()
-        self.delivery_db.close()
+        self.connections.close()
 
 
 # --- The fleet: its API, its page, a page per device ----------------------------------
@@ -1102,6 +1101,10 @@ MAX_FLEET_PAGE = 1_000_000
 MAX_FILTER_CHARACTERS = 200
 FLEET_STRIP_MINUTES = 24 * 60
 DEVICE_STRIP_MINUTES = 7 * 24 * 60
+# A strip is drawn in cells of so many minutes (a multiple of 15 dividing 60), at most 97
+# on the fleet page and 169 on a device's, however many gaps its device had.
+FLEET_STRIP_CELL_MINUTES = 15
+DEVICE_STRIP_CELL_MINUTES = 60
 QUARTER = (1 << 15) - 1  # the minutes of a quarter hour, as bits of an hour's
 OUTAGES_SHOWN = 20
 # The fleet page's order, as the index devices_by_concern of schema.sql has it, so that a
@@ -1211,7 +1214,7 @@ def index():
     """The fleet page for a browser; for an API client, what this server is."""
     page = int_argument("page", 1, 1, MAX_FLEET_PAGE)  # checked for both, as the document says
     text = request.args.get("q", "").strip()
-    if len(text) > MAX_FILTER_CHARACTERS:  # SQLite refuses to match a very long pattern
+    if len(text) > MAX_FILTER_CHARACTERS:  # an id is not that long; a bound on what a request asks
         abort(400, f"q must be at most {MAX_FILTER_CHARACTERS} characters")
     return negotiated(lambda: fleet_page(text, page), about_this_server)
 
@@ -1242,20 +1245,26 @@ LISTED = "EXISTS (SELECT 1 FROM temp.listed WHERE listed.device_key = devices.de
 MATCHED = "device_key IN (SELECT value FROM json_each(:keys))"
 
 
-def count_by_status(db: sqlite3.Connection, devices: int, among: set[int] | None = None) -> dict:
-    """How many of the listed devices, or of those among the given keys (devices in all),
-    are up, down and never heard: the few down or never heard read along their own
-    indexes, not every row."""
-    if among is None:
+def count_by_status(db: sqlite3.Connection, keys: str | None = None) -> dict:
+    """How many of the listed devices, or of the MATCHED keys, are up, down and never
+    heard. Of the listed ones, only the few down or never heard are read, along their own
+    indexes; of the matched ones, each matched row."""
+    if keys is None:
+        devices = len(current_app.config["DEVICE_KEYS"])
         down, never = db.execute(
             f"SELECT (SELECT count(*) FROM devices INDEXED BY devices_down WHERE down_since_ms IS NOT NULL AND {LISTED}),"
             f" (SELECT count(*) FROM devices INDEXED BY devices_never_heard WHERE last_heard_ms IS NULL AND {LISTED})"
         ).fetchone()
     else:
-        down, never = (sum(key in among for (key,) in db.execute(f"SELECT device_key FROM devices {these}"))
-                       for these in ("INDEXED BY devices_down WHERE down_since_ms IS NOT NULL",
-                                     "INDEXED BY devices_never_heard WHERE last_heard_ms IS NULL"))
+        devices, down, never = db.execute(
+            f"SELECT count(*), count(down_since_ms), count(*) - count(last_heard_ms) FROM devices WHERE {MATCHED}",
+            {"keys": keys}).fetchone()
     return {"devices": devices, "up": devices - down - never, "down": down, "never": never}
+
+
+def init_fleet(app: Flask) -> None:
+    # The filter searches these: the listed ids, folded once rather than on every page.
+    app.config["FOLDED_IDS"] = [(device_id.casefold(), key) for device_id, key in app.config["DEVICE_KEYS"].items()]
 
 
 def read_fleet_page(db: sqlite3.Connection, text: str, page: int) -> tuple[dict, int, int, list[sqlite3.Row]]:
@@ -1263,18 +1272,19 @@ def read_fleet_page(db: sqlite3.Connection, text: str, page: int) -> tuple[dict,
     of that page of the listed devices whose id contains text in any case, in the fleet
     page's order.
 
-    Without a filter, a walk along the index. With one, the ids in memory are searched
-    (faster than SQLite's LIKE over the index of ids); few matches are then sorted, many
-    are found along the index, where they are dense enough to fill a page quickly.
+    Without a filter, a walk along the index. With one, a pass over the ids, folded in
+    memory (quicker than SQLite's LIKE over the index of ids), finds the matches; few are
+    then sorted, many are found along the index, where they are dense enough to fill a
+    page quickly.
     """
     arguments = {"rows": FLEET_PAGE_ROWS}
     if text:
         needle = text.casefold()
         matches = [key for folded_id, key in current_app.config["FOLDED_IDS"] if needle in folded_id]
         arguments["keys"] = json.dumps(matches)
-        counts = count_by_status(db, len(matches), set(matches))
+        counts = count_by_status(db, arguments["keys"])
     else:
-        counts = count_by_status(db, len(current_app.config["DEVICE_KEYS"]))
+        counts = count_by_status(db)
     pages = max(1, math.ceil(counts["devices"] / FLEET_PAGE_ROWS))
     page = min(page, pages)
     arguments["offset"] = (page - 1) * FLEET_PAGE_ROWS
@@ -1298,7 +1308,7 @@ def fleet_page(text: str, page: int) -> str:
 
     return render_template(
         "fleet.html", counts=counts, q=text, page=page, pages=pages,
-        rows=[device_row(db, row, now, FLEET_STRIP_MINUTES) for row in rows],
+        rows=[device_row(db, row, now, FLEET_STRIP_MINUTES, FLEET_STRIP_CELL_MINUTES) for row in rows],
         prev_url=page_url(page - 1), next_url=page_url(page + 1),
         keep_days=current_app.config["KEEP_DAYS"],
     )
@@ -1314,15 +1324,15 @@ def device_page(device_id: str):
         outages = [{**outage, "lasted": short_duration(int(outage["seconds"] * 1000)) if outage["ended"] else
                     f"{short_duration(now - int(datetime.fromisoformat(outage['started']).timestamp() * 1000))} so far"}
                    for outage in read_outages(db, device["device_key"])]
-        return render_template("device.html", device=device_row(db, device, now, DEVICE_STRIP_MINUTES),
+        return render_template("device.html", device=device_row(db, device, now, DEVICE_STRIP_MINUTES, DEVICE_STRIP_CELL_MINUTES),
                                outages=outages, keep_days=current_app.config["KEEP_DAYS"])
 
     return negotiated(html, lambda: get_device(device_id))
 
 
-def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minutes: int) -> dict:
+def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minutes: int, cell_minutes: int) -> dict:
     """What a page shows of a device: its view, how long since it was heard, its average
-    as a person reads it (the exact one on hover) and its online minutes for the strip."""
+    as a person reads it (the exact one on hover) and its strip of online minutes."""
     view = device_view(device)
     status = view["status"]
     if status == "never":
@@ -1331,21 +1341,6 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
         since = f"down for {short_duration(now - device['down_since_ms'])}"
     else:
         since = f"last heard {short_duration(now - device['last_heard_ms'])} ago"
-    strip = None
-    if device["online_minutes"]:
-        last = device["last_minute"]
-        first = max(minute for minute in (device["first_minute"], device["kept_from"], last - strip_minutes + 1)
-                    if minute is not None)
-        hours = db.execute("SELECT hour, minutes FROM online_hours WHERE device_key = ? AND hour BETWEEN ? AND ?",
-                           (device["device_key"], first // 60, last // 60)).fetchall()
-        online, quarters = online_quarters(dict(hours), first, last)
-        span = last - first  # exclusive, as uptime counts it
-        strip = {
-            "from": minute_to_rfc3339(first),
-            "to": minute_to_rfc3339(last),
-            "quarters": quarters,
-            "label": f"{min(online, span)} of {span} minute{'s' if span != 1 else ''} online" if span else "1 minute online",
-        }
     return {
         **view,
         "since": since,
@@ -1353,7 +1348,30 @@ def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minu
         "online_minutes": device["online_minutes"],
         "upload_count": device["upload_count"],
         "average": human_duration(mean_ns(device["upload_total_ns"], device["upload_count"])),
-        "strip": strip,
+        "strip": online_strip(db, device, strip_minutes, cell_minutes),
+    }
+
+
+def online_strip(db: sqlite3.Connection, device: sqlite3.Row, strip_minutes: int, cell_minutes: int) -> dict | None:
+    """A device's last strip_minutes of heartbeats, within its kept history, to be drawn in
+    cells of cell_minutes; None if there are none."""
+    if not device["online_minutes"]:
+        return None
+    last = device["last_minute"]
+    first = max(minute for minute in (device["first_minute"], device["kept_from"], last - strip_minutes + 1)
+                if minute is not None)
+    if first > last:  # every heartbeat was before the kept history, and pruned
+        return None
+    hours = db.execute("SELECT hour, minutes FROM online_hours WHERE device_key = ? AND hour BETWEEN ? AND ?",
+                       (device["device_key"], first // 60, last // 60)).fetchall()
+    online, quarters = online_quarters(dict(hours), first, last)
+    span = last - first  # exclusive, as uptime counts it
+    return {
+        "from": minute_to_rfc3339(first),
+        "to": minute_to_rfc3339(last),
+        "quarters": quarters,
+        "cell_minutes": cell_minutes,
+        "label": f"{min(online, span)} of {span} minute{'s' if span != 1 else ''} online" if span else "1 minute online",
     }
 
 
@@ -1374,8 +1392,9 @@ def online_quarters(bits_of_hour: dict[int, int], first: int, last: int) -> tupl
             bits &= (1 << last % 60 + 1) - 1
         online += bits.bit_count()
         quarters.append(f"{(bits & QUARTER).bit_count():x}{(bits >> 15 & QUARTER).bit_count():x}"
-                        f"{(bits >> 30 & QUARTER).bit_count():x}{(bits >> 45).bit_count():x}")
-    return online, "".join(quarters)[first % 60 // 15:4 * len(quarters) - 3 + last % 60 // 15]
+                        f"{(bits >> 30 & QUARTER).bit_count():x}{(bits >> 45 & QUARTER).bit_count():x}")
+    before_first, after_last = first % 60 // 15, 3 - last % 60 // 15  # quarters of those hours outside the span
+    return online, "".join(quarters)[before_first:4 * len(quarters) - after_last]
 
 
 def human_duration(ns: int) -> str:
@@ -1432,7 +1451,7 @@ class FleetCollector:
         yield telemetry
         with self.app.app_context():
             db = get_db()
-            counts = count_by_status(db, len(self.app.config["DEVICE_KEYS"]))
+            counts = count_by_status(db)
             devices = GaugeMetricFamily("fleetmon_devices", "Devices of the devices file, by status", labels=["status"])
             for status in STATUSES:
                 devices.add_metric([status], counts[status])
@@ -1558,8 +1577,7 @@ def create_app(database: Path = DEFAULT_DATABASE, devices_csv: Path = DEFAULT_DE
     app.extensions["fleetmon.heard"] = []
     app.extensions["fleetmon.errors_seen"] = set()
     init_storage(app)
-    # The fleet page's filter searches these, folded once rather than on every page.
-    app.config["FOLDED_IDS"] = [(device_id.casefold(), key) for device_id, key in app.config["DEVICE_KEYS"].items()]
+    init_fleet(app)
     init_metrics(app)
     for blueprint in (api, fleet, metrics, debug, docs):
         app.register_blueprint(blueprint)
@@ -1639,23 +1657,24 @@ def serve(app: Flask, host: str, port: int, down_after_seconds: float, alert_url
     except BaseException:
         server.close()
         raise
-    devices = len(app.config["DEVICE_IDS"])
-    url = f"http://{url_host(host)}:{server.effective_port}"
-    if app.config["UPGRADED"]:
-        print(f"fleetmon: {app.config['UPGRADED']}")
-    print(f"fleetmon: {devices:,} device{'s' if devices != 1 else ''} from {app.config['DEVICES_CSV'].absolute()}, "
-          f"database {app.config['DATABASE'].absolute()}")
-    print(f"fleetmon: a device is down after {short_duration(int(down_after_seconds * 1000))} unheard"
-          + (f"; alerts to {alert_url}" if alert_url else "")
-          + (f"; history kept {app.config['KEEP_DAYS']} days" if app.config["KEEP_DAYS"] else ""))
-    print(f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)", flush=True)
-    reporter.start()
-    housekeeping.start()
     try:
+        devices = len(app.config["DEVICE_IDS"])
+        url = f"http://{url_host(host)}:{server.effective_port}"
+        if app.config["UPGRADED"]:
+            print(f"fleetmon: {app.config['UPGRADED']}")
+        print(f"fleetmon: {devices:,} device{'s' if devices != 1 else ''} from {app.config['DEVICES_CSV'].absolute()}, "
+              f"database {app.config['DATABASE'].absolute()}")
+        print(f"fleetmon: a device is down after {short_duration(int(down_after_seconds * 1000))} unheard"
+              + (f"; alerts to {alert_url}" if alert_url else "")
+              + (f"; history kept {app.config['KEEP_DAYS']} days" if app.config["KEEP_DAYS"] else ""))
+        print(f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)", flush=True)
+        reporter.start()
+        housekeeping.start()
         server.run()  # until Ctrl+C, which it catches
     finally:
         stop.set()
-        reporter.join()
+        if reporter.is_alive():
+            reporter.join()
         housekeeping.close()
         server.close()
         last_line = activity.take_line(time.monotonic())

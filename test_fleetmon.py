@@ -322,6 +322,11 @@ def test_utc_minute_and_back(sent_at, minute):
     assert utc_minute(minute_to_rfc3339(minute)) == minute
 
 
+def test_a_minute_is_written_as_the_pages_script_reads_it():
+    assert minute_to_rfc3339(fleetmon.FIRST_MINUTE) == "0001-01-01T00:00:00Z"  # four digits, as Date.parse wants
+    assert minute_to_rfc3339(-1) == "1969-12-31T23:59:00Z"
+
+
 @pytest.mark.parametrize(
     "sent_at",
     [
@@ -935,6 +940,18 @@ def test_pruning_keeps_the_stats_and_refuses_what_it_pruned(tmp_path, monkeypatc
         assert prune_all(app, keep_days=1) == 0  # nothing more until its window moves an hour on
 
 
+def test_the_strip_shows_only_the_kept_history(app, client):
+    # Heartbeats at 1969-12-31 23:59 and 1970-01-01 00:10, an upload a day later: the kept
+    # history begins at minute 0, and then, after another upload, after every heartbeat.
+    send(client, heartbeat("1969-12-31T23:59:00Z"), heartbeat("1970-01-01T00:10:00Z"), upload(1, "1970-01-02T00:30:00Z"))
+    prune_all(app, keep_days=1)
+    assert strips(fleet_page(client))[0][:3] == ("1 of 10 minutes online", "1970-01-01T00:00:00Z", "1970-01-01T00:10:00Z")
+    send(client, upload(1, "1970-01-03T00:30:00Z"))
+    prune_all(app, keep_days=1)
+    page = fleet_page(client)
+    assert strips(page) == [] and page.count("no heartbeats in its kept history") == 1
+
+
 def test_a_clock_far_ahead_cannot_make_retention_refuse_the_present(app, client):
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     send(client, heartbeat(now.isoformat().replace("+00:00", "Z")), heartbeat("2030-01-01T00:00:00Z"))
@@ -1454,7 +1471,7 @@ def start_with(capsys, *args):
         (["--alert-url", "hooks.example/x"], "--alert-url must be an http:// or https:// URL, not 'hooks.example/x'"),
     ],
 )
-def test_an_unusable_database_or_port_stops_the_start_with_one_line(tmp_path, capsys, args, message):
+def test_an_unusable_database_port_or_option_stops_the_start_with_one_line(tmp_path, capsys, args, message):
     (tmp_path / "notes.txt").write_bytes(b"not a database, just text " * 100)
     args = [arg.format(tmp=tmp_path) for arg in args]
     assert start_with(capsys, *args) == (1, f"fleetmon: {message.format(tmp=tmp_path)}\n")
@@ -1486,6 +1503,7 @@ def test_a_database_failing_as_the_watch_starts_stops_the_start_with_one_line(tm
     monkeypatch.setattr(fleetmon, "Watch", watch_failing)
     assert start_with(capsys, "--port", 0, "--db", tmp_path / "fleetmon.db") == (
         1, f"fleetmon: cannot use database {tmp_path / 'fleetmon.db'}: disk I/O error\n")
+    assert len(opened) >= 3  # the start's, a request's, the watch's
     for db in opened:  # every connection it opened, closed
         with pytest.raises(sqlite3.ProgrammingError, match="closed"):
             db.execute("SELECT 1")
@@ -2078,16 +2096,17 @@ def test_the_fleet_page_lists_the_worst_uptime_first_and_silent_devices_last(cli
 
 
 def strips(page):
-    """The online strips of a page, as (label, from, to, quarters)."""
+    """The online strips of a page, as (label, from, to, quarters, cell minutes)."""
     return re.findall(r'<div class="strip" role="group" aria-label="([^"]*)" title="[^"]*"\s+'
-                      r'data-from="([^"]*)" data-to="([^"]*)" data-quarters="([0-9a-f]*)"></div>', page)
+                      r'data-from="([^"]*)" data-to="([^"]*)" data-quarters="([0-9a-f]*)"\s+'
+                      r'data-cell-minutes="(\d+)"></div>', page)
 
 
 def test_the_online_strip_counts_minutes_as_uptime_does_by_the_quarter_hour(client):
     online = [*range(15), *range(30, 35), *range(45, 61)]  # 10:00-10:14, 10:30-10:34, 10:45-11:00
     send(client, *(heartbeat(minute_of_day(minute)) for minute in online))
     assert strips(fleet_page(client)) == [
-        ("36 of 60 minutes online", "2024-01-01T10:00:00Z", "2024-01-01T11:00:00Z", "f05f1")]  # 60 %, as its uptime
+        ("36 of 60 minutes online", "2024-01-01T10:00:00Z", "2024-01-01T11:00:00Z", "f05f1", "15")]  # 60 %, as its uptime
     send(client, *(heartbeat(minute_of_day(minute)) for minute in range(61)))
     assert strips(fleet_page(client))[0][0] == "60 of 60 minutes online"  # not "61 of 60"
 
@@ -2095,11 +2114,11 @@ def test_the_online_strip_counts_minutes_as_uptime_does_by_the_quarter_hour(clie
 def test_the_online_strip_covers_the_last_24_hours_at_most(client):
     for minute in (0, 1, 3_000, 3_001):
         send(client, heartbeat(minute_of_day(minute)))
-    (label, start, end, quarters), = strips(fleet_page(client))
+    (label, start, end, quarters, _), = strips(fleet_page(client))
     assert (label, start, end) == ("2 of 1439 minutes online", "2024-01-02T12:02:00Z", "2024-01-03T12:01:00Z")
     assert quarters == "0" * 96 + "2"  # 12:02-12:14 on the second day, ..., 12:00-12:01 on the third
     assert strips(client.get(f"/devices/{DEVICE}", headers=HTML).get_data(as_text=True)) == [  # 7 days at most
-        ("4 of 3001 minutes online", "2024-01-01T10:00:00Z", "2024-01-03T12:01:00Z", "2" + "0" * 199 + "2")]
+        ("4 of 3001 minutes online", "2024-01-01T10:00:00Z", "2024-01-03T12:01:00Z", "2" + "0" * 199 + "2", "60")]
 
 
 def test_device_ids_are_escaped_everywhere_on_the_fleet_page(tmp_path):
@@ -2119,13 +2138,14 @@ def test_device_ids_are_escaped_everywhere_on_the_fleet_page(tmp_path):
 
 
 def test_the_fleet_page_comes_50_rows_a_page_and_filters_by_id(tmp_path):
-    with open_app(tmp_path / "fleet.db", devices_file(tmp_path, *(f"cam-{n:03d}" for n in range(120)))) as app:
+    devices = devices_file(tmp_path, *(f"cam-{n:03d}" for n in range(119)), "caméra-ß")
+    with open_app(tmp_path / "fleet.db", devices) as app:
         client = app.test_client()
         send(client, heartbeat("2024-01-01T10:00:00Z", "cam-021"))
         pages = [fleet_page(client, f"?page={number}") for number in (1, 2, 3)]
         assert [len(listed_ids(page)) for page in pages] == [50, 50, 20]
         assert listed_ids(pages[0])[0] == "cam-021"  # the one that sent something
-        assert listed_ids(pages[2])[-1] == "cam-119"
+        assert listed_ids(pages[2])[-1] == "caméra-ß"
         assert '<a href="/?page=2" rel="next">' in pages[0] and "Page 1 of 3" in pages[0]
         assert '<a href="/?page=2" rel="prev">' in pages[2]
         filtered = fleet_page(client, "?q=CAM-02")
@@ -2133,6 +2153,7 @@ def test_the_fleet_page_comes_50_rows_a_page_and_filters_by_id(tmp_path):
         assert "10 devices match" in filtered
         assert summary(filtered) == {"Matching devices": "10", "Down": "0", "Up": "1", "Never heard": "9"}
         assert listed_ids(fleet_page(client, "?q=nothing-like-it")) == []
+        assert listed_ids(fleet_page(client, "?q=CAMÉRA-SS")) == ["caméra-ß"]  # case folded, not only ASCII
         assert listed_ids(fleet_page(client, "?q=cam_0")) == listed_ids(fleet_page(client, "?q=%25")) == []
         assert listed_ids(fleet_page(client, "?page=9")) == listed_ids(pages[2])  # past the end: the last
         assert client.get("/?page=0", headers=HTML).status_code == 400
@@ -2174,7 +2195,7 @@ def test_a_page_of_the_fleet_is_a_walk_along_an_index(app):
         db.execute("CREATE TEMP TABLE listed (device_key INTEGER PRIMARY KEY)")
         plan = " | ".join(row[3] for row in db.execute(
             f"EXPLAIN QUERY PLAN SELECT * FROM devices INDEXED BY devices_by_concern WHERE device_key IN temp.listed"
-            f" ORDER BY {fleetmon.BY_CONCERN} LIMIT 100"))
+            f" ORDER BY {fleetmon.BY_CONCERN} LIMIT {fleetmon.FLEET_PAGE_ROWS}"))
     assert "USING INDEX devices_by_concern" in plan
     assert "TEMP B-TREE" not in plan  # no sort of the whole fleet
 

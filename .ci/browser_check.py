@@ -65,11 +65,17 @@ def checks(driver, base):
     yield f"{DEVICE}'s heartbeats and upload show up without a reload"
     for minute in ("10:00", "10:30"):
         post(f"{base}/api/v1/devices/{DEVICES[1]}/heartbeat", {"sent_at": f"2024-01-01T{minute}:00Z"})
-    drawn = ["2024-01-01 10:00–10:14 UTC: 1 of 15 min online", "missed 2024-01-01 10:15–10:29 UTC (15 min)",
-             "online 2024-01-01 10:30 UTC (1 min)"]
-    wait_for(driver, lambda driver: strip_titles(driver, DEVICES[1]) == drawn,
-             f"{DEVICES[1]}'s strip drawn as {drawn}: {strip_titles(driver, DEVICES[1])}")
-    yield "the page's script draws a strip from its quarter hours, each run titled"
+    for minute in range(41):  # 23:50 to 00:30, across midnight
+        sent_at = f"2024-01-0{1 + (minute + 50) // 60}T{23 if minute < 10 else 0:02d}:{(minute + 50) % 60:02d}:00Z"
+        post(f"{base}/api/v1/devices/{DEVICES[2]}/heartbeat", {"sent_at": sent_at})
+    drawn = {
+        DEVICES[1]: ["2024-01-01 10:00–10:14 UTC: 1 of 15 min online", "missed 2024-01-01 10:15–10:29 UTC (15 min)",
+                     "online 2024-01-01 10:30 UTC (1 min)"],
+        DEVICES[2]: ["online 2024-01-01 23:50–2024-01-02 00:30 UTC (41 min)"],  # four quarter hours, one run
+    }
+    wait_for(driver, lambda driver: {device_id: strip_titles(driver, device_id) for device_id in drawn} == drawn,
+             f"strips drawn as {drawn}: {[strip_titles(driver, device_id) for device_id in drawn]}")
+    yield "the page's script draws each strip from its quarter hours, each run titled"
     wait_for(driver, lambda driver: "down for" in row_text(driver, DEVICE),
              f"{DEVICE} down: {row_text(driver, DEVICE)!r}")
     assert driver.execute_script("return window.notReloaded") is True, "the page was reloaded"
@@ -78,7 +84,9 @@ def checks(driver, base):
     wait_for(driver, lambda driver: driver.find_element(By.TAG_NAME, "h1").text == DEVICE, "the device's page")
     outages = driver.find_elements(By.XPATH, "//table/tbody/tr")
     assert len(outages) == 1 and "still down" in outages[0].text, f"outages: {[o.text for o in outages]}"
-    yield "its id opens its page, with its outage"
+    runs = [run.get_attribute("title") for run in driver.find_elements(By.XPATH, "//div[@class='strip']/span")]
+    assert runs == ["online 2024-01-01 10:02–10:04 UTC (3 min)"], f"the device page's strip: {runs}"
+    yield "its id opens its page, with its outage and its strip"
     driver.set_window_size(390, 844)
     driver.get(base + "/")
     overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
