@@ -1101,8 +1101,9 @@ MAX_FLEET_PAGE = 1_000_000
 MAX_FILTER_CHARACTERS = 200
 FLEET_STRIP_MINUTES = 24 * 60
 DEVICE_STRIP_MINUTES = 7 * 24 * 60
-# A strip is drawn in cells of so many minutes (a multiple of 15 dividing 60), at most 97
-# on the fleet page and 169 on a device's, however many gaps its device had.
+# A strip is drawn in cells of at least so many minutes (a multiple of 15 dividing 60), at
+# most 97 on the fleet page and 169 on a device's, however many gaps its device had; the
+# page's script makes them longer where the strip is too narrow for that many.
 FLEET_STRIP_CELL_MINUTES = 15
 DEVICE_STRIP_CELL_MINUTES = 60
 QUARTER = (1 << 15) - 1  # the minutes of a quarter hour, as bits of an hour's
