@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from operator import attrgetter
@@ -1424,7 +1424,8 @@ metrics = Blueprint("metrics", __name__)
 
 class FleetCollector:
     """The fleet's metrics, read at each scrape: the devices by status and the alerts
-    from the database, the requests from what the app counted."""
+    from the database, the requests from what the app counted (which the server window's
+    activity line reads too)."""
 
     def __init__(self, app: Flask):
         self.app = app
@@ -1437,6 +1438,11 @@ class FleetCollector:
         with self._lock:
             self.answered[request.endpoint or "none", response.status_code] += 1
         return response
+
+    def answers(self) -> Counter[tuple[str, int]]:
+        """The requests answered so far, by (endpoint, status)."""
+        with self._lock:
+            return Counter(self.answered)
 
     def collect(self):
         with self._lock:
@@ -1479,6 +1485,7 @@ def init_metrics(app: Flask) -> None:
     registry = prometheus_client.CollectorRegistry()
     registry.register(collector)
     app.extensions["fleetmon.metrics"] = registry
+    app.extensions["fleetmon.answers"] = collector.answers
     app.after_request(collector.count)
 
 
@@ -1591,33 +1598,29 @@ ACTIVITY_KINDS = {"api.post_heartbeat": "heartbeats", "api.post_stats": "uploads
 
 
 class Activity:
-    """What the server answered, told as one line an interval, and nothing while idle."""
+    """What the server answered since the last line, told as one line an interval, and
+    nothing while idle: telemetry answered, and every error fleetmon answers (not those
+    waitress answers itself, before fleetmon sees the request)."""
 
-    def __init__(self, monotonic_now: float):
-        self._answers: Counter[str] = Counter()
-        self._errors: Counter[int] = Counter()
+    def __init__(self, answers: Callable[[], Counter[tuple[str, int]]], monotonic_now: float):
+        self._answers = answers  # the app's count, by (endpoint, status), so far
+        self._told = answers()
         self._since = monotonic_now
-        self._lock = threading.Lock()
-
-    def count(self, response):
-        """An after_request hook: count telemetry answered, and every error fleetmon
-        answers (not those waitress answers itself, before fleetmon sees the request)."""
-        with self._lock:
-            if response.status_code >= 400:
-                self._errors[response.status_code] += 1
-            elif request.endpoint in ACTIVITY_KINDS:
-                self._answers[ACTIVITY_KINDS[request.endpoint]] += 1
-        return response
 
     def take_line(self, monotonic_now: float) -> str | None:
-        """The line for what was counted since the last call, or None if nothing was."""
-        with self._lock:
-            answers, errors = self._answers, self._errors
-            self._answers, self._errors = Counter(), Counter()
-            seconds, self._since = monotonic_now - self._since, monotonic_now
-        if not answers and not errors:
+        """The line for what was answered since the last call, or None if nothing was."""
+        answered = self._answers()
+        new, self._told = answered - self._told, answered
+        seconds, self._since = monotonic_now - self._since, monotonic_now
+        telemetry, errors = Counter(), Counter()
+        for (endpoint, status), count in new.items():
+            if status >= 400:
+                errors[status] += count
+            elif endpoint in ACTIVITY_KINDS:
+                telemetry[ACTIVITY_KINDS[endpoint]] += count
+        if not telemetry and not errors:
             return None
-        parts = [f"{answers[kind]:,} {kind}" for kind in ACTIVITY_KINDS.values()]
+        parts = [f"{telemetry[kind]:,} {kind}" for kind in ACTIVITY_KINDS.values()]
         rejected = sum(n for status, n in errors.items() if status < 500)
         parts.append(f"{rejected:,} rejected")
         if rejected < errors.total():
@@ -1648,8 +1651,7 @@ def serve(app: Flask, host: str, port: int, down_after_seconds: float, alert_url
         in_use = error.errno == errno.EADDRINUSE
         reason = "the port is in use (another fleetmon? --port chooses another)" if in_use else error.strerror
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
-    activity = Activity(time.monotonic())
-    app.after_request(activity.count)
+    activity = Activity(app.extensions["fleetmon.answers"], time.monotonic())
     stop = threading.Event()
     reporter = threading.Thread(target=report_activity, args=(activity, stop), name="fleetmon activity")
     try:

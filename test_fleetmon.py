@@ -1513,8 +1513,7 @@ def test_a_database_failing_as_the_watch_starts_stops_the_start_with_one_line(tm
 
 
 def test_activity_is_one_line_per_interval_and_nothing_while_idle(app, client):
-    activity = fleetmon.Activity(monotonic_now=100)
-    app.after_request(activity.count)
+    activity = fleetmon.Activity(app.extensions["fleetmon.answers"], monotonic_now=100)
     assert activity.take_line(110) is None
     send(client, *(heartbeat(minute_of_day(minute)) for minute in range(3)), upload(5))
     client.get(stats_url())
