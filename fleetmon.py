@@ -16,6 +16,7 @@ saying so, the fleet and device pages, metrics, retention, the debug views and t
 import argparse
 import csv
 import errno
+import gc
 import http.client
 import json
 import logging
@@ -1673,8 +1674,13 @@ def serve(app: Flask, host: str, port: int, down_after_seconds: float, alert_url
         print(f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)", flush=True)
         reporter.start()
         housekeeping.start()
+        # What the start built lives as long as the server (the devices' ids, above all):
+        # kept out of the garbage collector's sight, a full collection no longer walks it
+        # all while the one worker waits.
+        gc.freeze()
         server.run()  # until Ctrl+C, which it catches
     finally:
+        gc.unfreeze()
         stop.set()
         if reporter.is_alive():
             reporter.join()
