@@ -452,10 +452,12 @@ def record_upload(db: sqlite3.Connection, device_key: int, sent_at: datetime, up
           (device_key, minute, int(sent_at.timestamp()), upload_time_ns, heard_at_ms), device_key)
 
 
-def read_aggregates(db: sqlite3.Connection, device_id: str) -> Aggregates:
-    return Aggregates(*db.execute(
-        "SELECT online_minutes, first_minute, last_minute, upload_count, upload_total_ns"
-        " FROM devices WHERE device_id = ?", (device_id,)).fetchone())
+def read_device(db: sqlite3.Connection, device_id: str) -> sqlite3.Row:
+    return db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+
+
+def aggregates_of(device: sqlite3.Row) -> Aggregates:
+    return Aggregates(*(device[field] for field in Aggregates._fields))
 
 
 # --- The contract: three views --------------------------------------------------------
@@ -589,7 +591,7 @@ def post_stats(device_id: str):
 
 @api.get("/api/v1/devices/<device_id>/stats")
 def get_stats(device_id: str):
-    stats = device_stats(read_aggregates(get_db(), device_id))
+    stats = device_stats(aggregates_of(read_device(get_db(), device_id)))
     if stats is None:
         return no_content()
     return stats
@@ -1135,10 +1137,6 @@ def int_argument(name: str, default: int, low: int, high: int) -> int:
     return int(text)
 
 
-def aggregates_of(device: sqlite3.Row) -> Aggregates:
-    return Aggregates(*(device[field] for field in Aggregates._fields))
-
-
 def status_of(device: sqlite3.Row) -> str:
     if device["last_heard_ms"] is None:
         return "never"
@@ -1159,10 +1157,6 @@ def device_view(device: sqlite3.Row) -> dict:
     }
 
 
-def read_device(db: sqlite3.Connection, device_id: str) -> sqlite3.Row:
-    return db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-
-
 def read_outages(db: sqlite3.Connection, device_key: int) -> list[dict]:
     return [
         {"started": rfc3339_ms(started), "ended": None if ended is None else rfc3339_ms(ended),
@@ -1173,24 +1167,28 @@ def read_outages(db: sqlite3.Connection, device_key: int) -> list[dict]:
     ]
 
 
+def listed_page(endpoint: str, condition: str = "true", **arguments) -> tuple[list[sqlite3.Row], str | None]:
+    """A page of the listed devices that meet condition, in id order from the request's
+    `after`, `limit` of them; and the URL of endpoint for the next page, if there is one."""
+    limit = int_argument("limit", 100, 1, LIST_LIMIT)
+    rows = get_db().execute(
+        f"SELECT * FROM devices INDEXED BY devices_by_id WHERE device_id > ? AND device_key IN temp.listed"
+        f" AND ({condition}) ORDER BY device_id LIMIT ?",
+        (request.args.get("after", ""), limit + 1),  # one more: is there a next page?
+    ).fetchall()
+    if len(rows) <= limit:
+        return rows, None
+    return rows[:limit], url_for(endpoint, after=rows[limit - 1]["device_id"], limit=limit, **arguments)
+
+
 @fleet.get("/api/v1/devices")
 def list_devices():
     """The devices of the devices file in id order, a page at a time: `next` continues."""
     status = request.args.get("status")
     if status is not None and status not in STATUSES:
         abort(400, "status must be up, down or never")
-    limit = int_argument("limit", 100, 1, LIST_LIMIT)
-    rows = get_db().execute(
-        f"SELECT * FROM devices INDEXED BY devices_by_id WHERE device_id > ? AND device_key IN temp.listed"
-        f" AND ({STATUSES[status] if status else 'true'}) ORDER BY device_id LIMIT ?",
-        (request.args.get("after", ""), limit + 1),  # one more: is there a next page?
-    ).fetchall()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return {
-        "devices": [device_view(row) for row in rows],
-        "next": url_for(".list_devices", after=rows[-1]["device_id"], limit=limit, status=status) if more else None,
-    }
+    rows, next_url = listed_page(".list_devices", STATUSES[status] if status else "true", status=status)
+    return {"devices": [device_view(row) for row in rows], "next": next_url}
 
 
 @fleet.get("/api/v1/devices/<device_id>")
@@ -1446,8 +1444,7 @@ class FleetCollector:
             return Counter(self.answered)
 
     def collect(self):
-        with self._lock:
-            answered = dict(self.answered)
+        answered = self.answers()
         requests = CounterMetricFamily("fleetmon_requests", "Requests answered, by endpoint and status",
                                        labels=["endpoint", "status"])
         for (endpoint, status), count in sorted(answered.items()):
@@ -1507,14 +1504,7 @@ docs = Blueprint("docs", __name__, static_folder=swagger_ui_path, static_url_pat
 @debug.get("/debug/devices")
 def debug_devices():
     """The listed devices in id order, a page at a time: `next` continues the list."""
-    limit = int_argument("limit", 100, 1, LIST_LIMIT)
-    rows = get_db().execute(
-        "SELECT * FROM devices INDEXED BY devices_by_id WHERE device_id > ? AND device_key IN temp.listed"
-        " ORDER BY device_id LIMIT ?",
-        (request.args.get("after", ""), limit + 1),  # one more: is there a next page?
-    ).fetchall()
-    more = len(rows) > limit
-    rows = rows[:limit]
+    rows, next_url = listed_page(".debug_devices")
     return {
         "devices": [
             {
@@ -1526,7 +1516,7 @@ def debug_devices():
             }
             for row in rows
         ],
-        "next": url_for(".debug_devices", after=rows[-1]["device_id"], limit=limit) if more else None,
+        "next": next_url,
     }
 
 
