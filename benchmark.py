@@ -670,19 +670,28 @@ def print_row(label: str, f: Figures) -> None:
           f"{f.connections_per_request:>18.2f}")
 
 
-def print_ratios(label: str, ours: Figures, theirs: Figures) -> None:
+def paired_ratio(ours: list[Figures], theirs: list[Figures], figure: str) -> float:
+    """One measurement's figure over another's: the median of the rounds' ratios. They
+    ran side by side in each round, so a slower spell of the machine, which both rounds
+    share, cancels out, as it does not in a ratio of medians."""
+    return statistics.median(getattr(o, figure) / getattr(t, figure) for o, t in zip(ours, theirs))
+
+
+def print_ratios(label: str, ours: list[Figures], theirs: list[Figures]) -> None:
     """Throughput and p99 of one measurement over another's, under their columns."""
-    print(f"  {label:<{LABEL_WIDTH}}{ours.rate / theirs.rate:>8.2f}x{'':>12}{ours.p99 / theirs.p99:>11.2f}x")
+    print(f"  {label:<{LABEL_WIDTH}}{paired_ratio(ours, theirs, 'rate'):>8.2f}x{'':>12}"
+          f"{paired_ratio(ours, theirs, 'p99'):>11.2f}x")
 
 
-def in_turns(runs: dict[str, Callable[[], Figures]], rounds: int) -> dict[str, Figures]:
-    """Run each measurement in turn, round after round, and keep the medians. Taking
-    turns spreads whatever else the machine does over all of them alike."""
+def in_turns(runs: dict[str, Callable[[], Figures]], rounds: int) -> dict[str, list[Figures]]:
+    """Run each measurement in turn, round after round, every other round in reverse
+    order; the figures of every round. Taking turns spreads whatever else the machine
+    does over all of them alike, and none is always the one that runs first."""
     results = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+    for number in range(rounds):
+        for name, run in (reversed(runs.items()) if number % 2 else runs.items()):
             results[name].append(run())
-    return {name: median_figures(rounds) for name, rounds in results.items()}
+    return results
 
 
 def load_average() -> str:
@@ -1000,7 +1009,8 @@ def telemetry_run(port: int, kind: str, clients: int, seconds: float, minutes: I
 def closed_loop_section(plan: Plan, workdir: Path, against: Path | None) -> None:
     names = ["fleetmon"] + (["earlier"] if against else []) + ["floor"]
     print(f"\n1. Closed loop: each client POSTs again as soon as it is answered; {plan.closed_loop_seconds:g} s "
-          f"a run, median of {plan.rounds} rounds, {', '.join(names)} taking turns")
+          f"a run, median of {plan.rounds} rounds, {', '.join(names)} taking turns; a ratio is the median of "
+          "the rounds' ratios")
     print_header()
     devices_csv = write_devices_csv(workdir / "simulator.csv", list(PUBLISHED_DAYS))
     servers = {"fleetmon": fleetmon_server(workdir, workdir / "closed-loop.db", devices_csv)}
@@ -1014,17 +1024,16 @@ def closed_loop_section(plan: Plan, workdir: Path, against: Path | None) -> None
         ports = {name: stack.enter_context(server) for name, server in servers.items()}
         for kind in ("heartbeat", "upload"):
             for clients in CLIENT_COUNTS:
-                medians = in_turns({
+                results = in_turns({
                     name: partial(telemetry_run, port, kind, clients, plan.closed_loop_seconds, minutes)
                     for name, port in ports.items()
                 }, plan.rounds)
                 what = f"POST {kind}, {clients} clients, "
-                for number, (name, f) in enumerate(medians.items()):
-                    print_row((what if number == 0 else " " * len(what)) + name, f)
+                for number, (name, rounds) in enumerate(results.items()):
+                    print_row((what if number == 0 else " " * len(what)) + name, median_figures(rounds))
+                    rates[kind, clients, name] = median_figures(rounds).rate
                 for name in names[1:]:
-                    print_ratios(" " * len(what) + f"fleetmon/{name}", medians["fleetmon"], medians[name])
-                for name, f in medians.items():
-                    rates[kind, clients, name] = f.rate
+                    print_ratios(" " * len(what) + f"fleetmon/{name}", results["fleetmon"], results[name])
     low, high = CLIENT_COUNTS
     for kind in ("heartbeat", "upload"):
         print(f"  throughput at {high} clients over {low}, POST {kind}: " + ", ".join(
@@ -1051,13 +1060,14 @@ def burst_section(plan: Plan, workdir: Path, against: Path | None) -> None:
         new_servers["earlier"] = lambda: fleetmon_server(workdir, next(databases), devices_csv,
                                                          script=against / "fleetmon.py")
     new_servers["floor"] = lambda: floor_server(workdir)
-    medians = in_turns({name: partial(burst, new_server) for name, new_server in new_servers.items()}, plan.rounds)
-    for name, f in medians.items():
+    results = in_turns({name: partial(burst, new_server) for name, new_server in new_servers.items()}, plan.rounds)
+    for name, rounds in results.items():
+        f = median_figures(rounds)
         print(f"  {name:<{LABEL_WIDTH}}{requests / f.rate:>9.2f}{ms(f.p50):>12}{ms(f.p99):>12}{f.errors:>8,}"
               f"{f.connections_per_request:>18.2f}")
-    for name in list(medians)[1:]:
+    for name in list(results)[1:]:
         # Seconds over seconds: the other's rate over fleetmon's.
-        print(f"  {'fleetmon/' + name:<{LABEL_WIDTH}}{medians[name].rate / medians['fleetmon'].rate:>8.2f}x")
+        print(f"  {'fleetmon/' + name:<{LABEL_WIDTH}}{paired_ratio(results[name], results['fleetmon'], 'rate'):>8.2f}x")
 
 
 def stats_read_section(plan: Plan, workdir: Path) -> None:
@@ -1074,13 +1084,13 @@ def stats_read_section(plan: Plan, workdir: Path) -> None:
         servers[f"{stored:,} online minutes stored"] = fleetmon_server(workdir, database, devices_csv)
     (few_name, few_server), (many_name, many_server) = servers.items()
     with few_server as few_port, many_server as many_port:
-        medians = in_turns({
+        results = in_turns({
             name: partial(figures_of, ClosedLoop(port, script, plan.read_seconds))
             for name, port in ((few_name, few_port), (many_name, many_port))
         }, plan.rounds)
-    for name, f in medians.items():
-        print_row(name, f)
-    print_ratios("a million over a thousand", medians[many_name], medians[few_name])
+    for name, rounds in results.items():
+        print_row(name, median_figures(rounds))
+    print_ratios("a million over a thousand", results[many_name], results[few_name])
 
 
 def overload_section(plan: Plan, workdir: Path) -> None:

@@ -233,7 +233,7 @@ def load_device_ids(path: Path) -> frozenset[str]:
 
 # --- Storage --------------------------------------------------------------------------
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = HERE / "migrations"
 # How long a statement waits for another connection's write lock before it fails. A
 # write holds it for microseconds, a checkpoint or a pruning step for milliseconds.

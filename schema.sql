@@ -100,9 +100,11 @@ CREATE TRIGGER IF NOT EXISTS note_heard INSTEAD OF INSERT ON heard
 BEGIN
     -- A sent_at from a clock far ahead must not make retention prune the device's real
     -- history: the newest minute goes no further than a day past fleetmon's own clock.
-    UPDATE devices SET newest_minute = max(coalesce(newest_minute, bounded.minute), bounded.minute),
+    -- (A subquery names that bound, not UPDATE ... FROM, which SQLite runs through
+    -- temporary tables at several times the cost of this plain UPDATE.)
+    UPDATE devices SET newest_minute = (SELECT max(coalesce(newest_minute, bound), bound)
+                                        FROM (SELECT min(NEW.minute, NEW.heard_at_ms / 60000 + 1440) AS bound)),
                        last_heard_ms = NEW.heard_at_ms
-    FROM (SELECT min(NEW.minute, NEW.heard_at_ms / 60000 + 1440) AS minute) AS bounded
     WHERE device_key = NEW.device_key;
 END;
 -- A device that was down is up again: its outage ends and an alert is queued.

@@ -842,6 +842,12 @@ def everything_in(path):
                 {table: db.execute(f"SELECT * FROM {table}").fetchall() for table in tables})
 
 
+
+def definitions(path):
+    """Every table, index, view and trigger of a database, as its SQL defines it."""
+    with closing(sqlite3.connect(path)) as db:
+        return sorted(db.execute("SELECT type, name, sql FROM sqlite_schema"))
+
 FIRST_DEVICE = "26-9a-66-01-33-83"
 ODD_DAYS = {  # uploads only, sent with offsets; heartbeats only, one before 1970; one minute alone
     DEVICE: [upload(7, "2024-01-01T12:04:59.999999999+02:00"), upload(INT64_MAX - 9, "2024-01-01T05:04:00-05:00"),
@@ -861,7 +867,7 @@ def test_a_first_layout_database_is_upgraded_with_identical_stats(tmp_path, days
     with open_app(database) as app:
         client = app.test_client()
         assert {device_id: client.get(stats_url(device_id)).get_json() for device_id in PUBLISHED_DAYS} == before
-        assert re.fullmatch(rf"upgraded database {re.escape(str(database))} from schema version 0 to 1: "
+        assert re.fullmatch(rf"upgraded database {re.escape(str(database))} from schema version 0 to 2: "
                             r"[\d,]+ rows in \d+\.\d s", app.config["UPGRADED"])
         for device_id, telemetry in days.items():  # the raw telemetry came along too
             minutes = {utc_minute(body["sent_at"]) for url, body in telemetry if url.endswith("/heartbeat")}
@@ -872,6 +878,35 @@ def test_a_first_layout_database_is_upgraded_with_identical_stats(tmp_path, days
                 for number, body in enumerate(uploads, start=1)]
     with open_app(database) as again:  # and the next start has nothing to upgrade
         assert again.config["UPGRADED"] is None
+
+
+# The trigger note_heard as schema version 1 had it.
+NOTE_HEARD_OF_VERSION_1 = """
+CREATE TRIGGER note_heard INSTEAD OF INSERT ON heard BEGIN
+    UPDATE devices SET newest_minute = max(coalesce(newest_minute, bounded.minute), bounded.minute),
+                       last_heard_ms = NEW.heard_at_ms
+    FROM (SELECT min(NEW.minute, NEW.heard_at_ms / 60000 + 1440) AS minute) AS bounded
+    WHERE device_key = NEW.device_key;
+END"""
+
+
+def test_a_version_1_database_is_upgraded_to_the_schema_a_new_one_gets(tmp_path):
+    new, old = tmp_path / "new.db", tmp_path / "old.db"
+    with open_app(new):
+        pass
+    with open_app(old) as app:
+        send_day(app.test_client(), simulated_day(FIRST_DEVICE))
+    with closing(sqlite3.connect(old, isolation_level=None)) as db:
+        db.execute("DROP TRIGGER note_heard")
+        db.execute(NOTE_HEARD_OF_VERSION_1)
+        db.execute("PRAGMA user_version = 1")
+    _, _, rows = everything_in(old)
+    with open_app(old) as app:
+        assert re.fullmatch(rf"upgraded database {re.escape(str(old))} from schema version 1 to 2: "
+                            r"[\d,]+ rows in \d+\.\d s", app.config["UPGRADED"])
+    version, _, rows_after = everything_in(old)
+    assert (version, rows_after) == ((2,), rows)
+    assert definitions(old) == definitions(new)
 
 
 def test_a_failed_upgrade_leaves_the_database_as_it_was(tmp_path):
@@ -891,10 +926,10 @@ def test_a_database_from_a_newer_fleetmon_is_refused_untouched(tmp_path, capsys)
     database = tmp_path / "newer.db"
     with closing(sqlite3.connect(database)) as db:
         db.execute("CREATE TABLE from_the_future (x)")
-        db.execute("PRAGMA user_version = 2")
+        db.execute("PRAGMA user_version = 3")
     before = database.read_bytes()
-    refusal = (f"fleetmon: database {database} was written by a newer fleetmon (schema version 2, this one knows "
-               "up to 1); it is left as it was\n")
+    refusal = (f"fleetmon: database {database} was written by a newer fleetmon (schema version 3, this one knows "
+               "up to 2); it is left as it was\n")
     assert start_with(capsys, "--db", database) == (1, refusal)
     assert database.read_bytes() == before
 
