@@ -14,8 +14,9 @@ stopped and the folder removed. The sections:
 1. Closed loop: 16, then 64 clients each POST (a heartbeat, or an upload) again as soon
    as they are answered, to fleetmon, to the earlier fleetmon of --against, and to a
    "floor": Flask on stock waitress with fleetmon's number of worker threads, doing
-   nothing but parse the JSON body and answer 204. They take turns, round after round;
-   the median round is shown.
+   nothing but parse the JSON body and answer 204. They take turns, round after round,
+   every other round in reverse; the median round is shown, and a ratio is the median
+   of the rounds' ratios.
 2. The device simulator's burst: the day simulator.py sends the vendor's 5 devices, each
    device's from a client of its own, all at once, to each server fresh.
 3. GET stats with 1,000 and with 1,000,000 online minutes stored: the latency should not
