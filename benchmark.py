@@ -673,9 +673,12 @@ def print_row(label: str, f: Figures) -> None:
 
 def paired_ratio(ours: list[Figures], theirs: list[Figures], figure: str) -> float:
     """One measurement's figure over another's: the median of the rounds' ratios. They
-    ran side by side in each round, so a slower spell of the machine, which both rounds
-    share, cancels out, as it does not in a ratio of medians."""
-    return statistics.median(getattr(o, figure) / getattr(t, figure) for o, t in zip(ours, theirs))
+    ran side by side in each round, so a slower spell of the machine, which both runs of
+    a round share, cancels out, as it does not in a ratio of medians. A round where the
+    other answered nothing counts as infinitely better for ours."""
+    ratios = [getattr(o, figure) / getattr(t, figure) if getattr(t, figure) else math.inf
+              for o, t in zip(ours, theirs)]
+    return statistics.median(ratios)
 
 
 def print_ratios(label: str, ours: list[Figures], theirs: list[Figures]) -> None:
@@ -1047,7 +1050,8 @@ def burst_section(plan: Plan, workdir: Path, against: Path | None) -> None:
                for device_id in PUBLISHED_DAYS]
     requests = sum(map(len, scripts))
     print(f"\n2. The simulator's burst: {requests:,} requests from {len(scripts)} clients at once, "
-          f"each server fresh with a new database; median of {plan.rounds} rounds")
+          f"each server fresh with a new database; median of {plan.rounds} rounds, a ratio the median of "
+          "the rounds' ratios")
     print_header(first="seconds")
     devices_csv = write_devices_csv(workdir / "simulator.csv", list(PUBLISHED_DAYS))
     databases = (workdir / f"burst-{n}.db" for n in count())
@@ -1073,7 +1077,7 @@ def burst_section(plan: Plan, workdir: Path, against: Path | None) -> None:
 
 def stats_read_section(plan: Plan, workdir: Path) -> None:
     print(f"\n3. GET stats from one client: {plan.read_seconds:g} s a run, median of {plan.rounds} rounds, "
-          "the two servers taking turns")
+          "the two servers taking turns; a ratio is the median of the rounds' ratios")
     print_header()
     device_id = next(iter(PUBLISHED_DAYS))
     devices_csv = write_devices_csv(workdir / "simulator.csv", list(PUBLISHED_DAYS))

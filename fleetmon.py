@@ -283,9 +283,11 @@ def schema_version(db: sqlite3.Connection) -> int:
     return db.execute("PRAGMA user_version").fetchone()[0]
 
 
-def upgrade(db: sqlite3.Connection, database: Path) -> str | None:
-    """Bring a database written by an earlier fleetmon to SCHEMA_VERSION, each step the
-    SQL of migrations/N.sql, all in one transaction. Returns a line to tell, if it did."""
+def upgrade(db: sqlite3.Connection, database: Path, schema: str) -> str | None:
+    """Bring a database written by an earlier fleetmon to SCHEMA_VERSION: each step the
+    SQL of migrations/N.sql, then schema (schema.sql) for what the steps leave to it, all
+    in one transaction, so that no one sees a step without the rest. Returns a line to
+    tell, if it did."""
     version = schema_version(db)
     if version > SCHEMA_VERSION:
         raise StartupError(f"database {database} was written by a newer fleetmon (schema version {version}, "
@@ -294,20 +296,21 @@ def upgrade(db: sqlite3.Connection, database: Path) -> str | None:
     is_new = version == 0 and not db.execute("SELECT 1 FROM sqlite_schema WHERE name = 'heartbeat_minutes'").fetchone()
     if version == SCHEMA_VERSION or is_new:
         return None
-    started = time.monotonic()
-    rows = sum(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-               for (table,) in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'").fetchall())
+    started, changes_before = time.monotonic(), db.total_changes
     try:
         with transaction(db):
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in split_statements((MIGRATIONS / f"{step}.sql").read_text(encoding="utf-8")):
                     db.execute(statement)
+            # Its PRAGMAs change nothing here: an earlier fleetmon's database is in WAL mode.
+            for statement in split_statements(schema):
+                db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except sqlite3.Error as error:
         raise StartupError(f"cannot upgrade database {database} from schema version {version}: {error}; "
                            "it is left as it was") from None
     return (f"upgraded database {database} from schema version {version} to {SCHEMA_VERSION}: "
-            f"{rows:,} rows in {time.monotonic() - started:.1f} s")
+            f"{db.total_changes - changes_before:,} rows written in {time.monotonic() - started:.1f} s")
 
 
 def split_statements(script: str) -> list[str]:
@@ -328,10 +331,11 @@ def init_storage(app: Flask) -> None:
     if not database.parent.is_dir():
         raise StartupError(f"cannot use database {database}: there is no folder {database.parent}")
     try:
+        with app.open_resource("schema.sql") as file:
+            schema = file.read().decode("utf-8")
         with closing(connect(database)) as db:
-            app.config["UPGRADED"] = upgrade(db, database)
-            with app.open_resource("schema.sql") as schema:
-                db.executescript(schema.read().decode("utf-8"))
+            app.config["UPGRADED"] = upgrade(db, database, schema)
+            db.executescript(schema)  # what a new database is made of; an upgraded one has it
             if schema_version(db) == 0:  # a new database
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             with transaction(db):

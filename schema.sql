@@ -1,6 +1,7 @@
--- fleetmon's database, as a new one gets it. Applied at every start, after any upgrade
--- from migrations/, so every statement must be safe to run again on an existing database,
--- and writes nothing there: a start must not need free disk space. fleetmon.py marks a
+-- fleetmon's database, as a new one gets it. Applied at every start, and after the steps
+-- of an upgrade from migrations/ in its transaction, so every statement must be safe to
+-- run again on an existing database, and writes nothing there: a start must not need
+-- free disk space. fleetmon.py marks a
 -- new database with its schema version (PRAGMA user_version, SCHEMA_VERSION).
 
 -- Small pages: each write commits a few whole pages to the write-ahead log, and small
@@ -101,7 +102,7 @@ BEGIN
     -- A sent_at from a clock far ahead must not make retention prune the device's real
     -- history: the newest minute goes no further than a day past fleetmon's own clock.
     -- (A subquery names that bound, not UPDATE ... FROM, which SQLite runs through
-    -- temporary tables at several times the cost of this plain UPDATE.)
+    -- temporary tables, on every heartbeat and upload.)
     UPDATE devices SET newest_minute = (SELECT max(coalesce(newest_minute, bound), bound)
                                         FROM (SELECT min(NEW.minute, NEW.heard_at_ms / 60000 + 1440) AS bound)),
                        last_heard_ms = NEW.heard_at_ms

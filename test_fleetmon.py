@@ -842,11 +842,11 @@ def everything_in(path):
                 {table: db.execute(f"SELECT * FROM {table}").fetchall() for table in tables})
 
 
-
 def definitions(path):
     """Every table, index, view and trigger of a database, as its SQL defines it."""
     with closing(sqlite3.connect(path)) as db:
         return sorted(db.execute("SELECT type, name, sql FROM sqlite_schema"))
+
 
 FIRST_DEVICE = "26-9a-66-01-33-83"
 ODD_DAYS = {  # uploads only, sent with offsets; heartbeats only, one before 1970; one minute alone
@@ -867,8 +867,8 @@ def test_a_first_layout_database_is_upgraded_with_identical_stats(tmp_path, days
     with open_app(database) as app:
         client = app.test_client()
         assert {device_id: client.get(stats_url(device_id)).get_json() for device_id in PUBLISHED_DAYS} == before
-        assert re.fullmatch(rf"upgraded database {re.escape(str(database))} from schema version 0 to 2: "
-                            r"[\d,]+ rows in \d+\.\d s", app.config["UPGRADED"])
+        assert re.fullmatch(rf"upgraded database {re.escape(str(database))} from schema version 0 to "
+                            rf"{fleetmon.SCHEMA_VERSION}: [\d,]+ rows written in \d+\.\d s", app.config["UPGRADED"])
         for device_id, telemetry in days.items():  # the raw telemetry came along too
             minutes = {utc_minute(body["sent_at"]) for url, body in telemetry if url.endswith("/heartbeat")}
             assert stored_minutes(app, device_id) == sorted(minutes)
@@ -901,11 +901,12 @@ def test_a_version_1_database_is_upgraded_to_the_schema_a_new_one_gets(tmp_path)
         db.execute(NOTE_HEARD_OF_VERSION_1)
         db.execute("PRAGMA user_version = 1")
     _, _, rows = everything_in(old)
-    with open_app(old) as app:
-        assert re.fullmatch(rf"upgraded database {re.escape(str(old))} from schema version 1 to 2: "
-                            r"[\d,]+ rows in \d+\.\d s", app.config["UPGRADED"])
+    with closing(fleetmon.connect(old)) as db:  # the upgrade's one transaction, without the start's after it
+        told = fleetmon.upgrade(db, old, (HERE / "schema.sql").read_text(encoding="utf-8"))
+    assert re.fullmatch(rf"upgraded database {re.escape(str(old))} from schema version 1 to "
+                        rf"{fleetmon.SCHEMA_VERSION}: 0 rows written in \d+\.\d s", told)
     version, _, rows_after = everything_in(old)
-    assert (version, rows_after) == ((2,), rows)
+    assert (version, rows_after) == ((fleetmon.SCHEMA_VERSION,), rows)
     assert definitions(old) == definitions(new)
 
 
@@ -926,10 +927,10 @@ def test_a_database_from_a_newer_fleetmon_is_refused_untouched(tmp_path, capsys)
     database = tmp_path / "newer.db"
     with closing(sqlite3.connect(database)) as db:
         db.execute("CREATE TABLE from_the_future (x)")
-        db.execute("PRAGMA user_version = 3")
+        db.execute(f"PRAGMA user_version = {fleetmon.SCHEMA_VERSION + 1}")
     before = database.read_bytes()
-    refusal = (f"fleetmon: database {database} was written by a newer fleetmon (schema version 3, this one knows "
-               "up to 2); it is left as it was\n")
+    refusal = (f"fleetmon: database {database} was written by a newer fleetmon (schema version "
+               f"{fleetmon.SCHEMA_VERSION + 1}, this one knows up to {fleetmon.SCHEMA_VERSION}); it is left as it was\n")
     assert start_with(capsys, "--db", database) == (1, refusal)
     assert database.read_bytes() == before
 

@@ -4,8 +4,9 @@
 -- device's text id, and the aggregates in device_stats. Here the aggregates move to
 -- devices as they are (stats are identical before and after), the minutes become the
 -- bits of one row per device and hour, and uploads keep their order and take a number.
--- fleetmon runs it and the upgrades after it in one transaction, with the schema version
--- set at its end; any failure rolls it all back and leaves the database as it was.
+-- fleetmon runs it, the upgrades after it and then schema.sql in one transaction, with
+-- the schema version set at its end; any failure rolls it all back and leaves the
+-- database as it was.
 
 DROP TRIGGER count_online_minute;
 DROP TRIGGER add_upload;

@@ -2,7 +2,8 @@
 --
 -- The first form named the bound on a device's newest minute with UPDATE ... FROM,
 -- which SQLite runs through temporary tables on every heartbeat and upload. The trigger
--- is dropped here, and schema.sql, applied after every upgrade, creates it as it is now.
--- (From schema version 0 there is none: upgrade 1 makes the tables, schema.sql the rest.)
+-- is dropped here, and schema.sql, which fleetmon applies after the upgrades in their
+-- transaction, creates it as it is now. (From schema version 0 there is none: upgrade 1
+-- makes the tables, schema.sql the rest.)
 
 DROP TRIGGER IF EXISTS note_heard;
