@@ -1,8 +1,8 @@
 -- fleetmon's database, as a new one gets it. Applied at every start, and after the steps
 -- of an upgrade from migrations/ in its transaction, so every statement must be safe to
 -- run again on an existing database, and writes nothing there: a start must not need
--- free disk space. fleetmon.py marks a
--- new database with its schema version (PRAGMA user_version, SCHEMA_VERSION).
+-- free disk space. fleetmon.py marks a new database with its schema version (PRAGMA
+-- user_version, SCHEMA_VERSION).
 
 -- Small pages: each write commits a few whole pages to the write-ahead log, and small
 -- ones are quicker to write. Only a new database takes it; then it is fixed.

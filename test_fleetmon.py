@@ -881,24 +881,36 @@ def test_a_first_layout_database_is_upgraded_with_identical_stats(tmp_path, days
 
 
 # The trigger note_heard as schema version 1 had it.
-NOTE_HEARD_OF_VERSION_1 = """
-CREATE TRIGGER note_heard INSTEAD OF INSERT ON heard BEGIN
-    UPDATE devices SET newest_minute = max(coalesce(newest_minute, bounded.minute), bounded.minute),
-                       last_heard_ms = NEW.heard_at_ms
-    FROM (SELECT min(NEW.minute, NEW.heard_at_ms / 60000 + 1440) AS minute) AS bounded
-    WHERE device_key = NEW.device_key;
-END"""
+# What schema version 1 was, as today's schema changed back: its tables were today's.
+VERSION_1_FORMS = {
+    # As first released: writes in Python, not through views, and the never-heard
+    # devices indexed by key.
+    "as first released": [
+        "DROP VIEW heard", "DROP VIEW heartbeats", "DROP VIEW upload_reports",  # and their triggers
+        "DROP INDEX devices_never_heard",
+        "CREATE INDEX devices_never_heard ON devices (device_key) WHERE last_heard_ms IS NULL",
+    ],
+    # Later: note_heard with UPDATE ... FROM.
+    "with note_heard's first form": ["DROP TRIGGER note_heard", """
+        CREATE TRIGGER note_heard INSTEAD OF INSERT ON heard BEGIN
+            UPDATE devices SET newest_minute = max(coalesce(newest_minute, bounded.minute), bounded.minute),
+                               last_heard_ms = NEW.heard_at_ms
+            FROM (SELECT min(NEW.minute, NEW.heard_at_ms / 60000 + 1440) AS minute) AS bounded
+            WHERE device_key = NEW.device_key;
+        END"""],
+}
 
 
-def test_a_version_1_database_is_upgraded_to_the_schema_a_new_one_gets(tmp_path):
+@pytest.mark.parametrize("form", VERSION_1_FORMS)
+def test_a_version_1_database_is_upgraded_to_the_schema_a_new_one_gets(tmp_path, form):
     new, old = tmp_path / "new.db", tmp_path / "old.db"
     with open_app(new):
         pass
     with open_app(old) as app:
         send_day(app.test_client(), simulated_day(FIRST_DEVICE))
     with closing(sqlite3.connect(old, isolation_level=None)) as db:
-        db.execute("DROP TRIGGER note_heard")
-        db.execute(NOTE_HEARD_OF_VERSION_1)
+        for statement in VERSION_1_FORMS[form]:
+            db.execute(statement)
         db.execute("PRAGMA user_version = 1")
     _, _, rows = everything_in(old)
     with closing(fleetmon.connect(old)) as db:  # the upgrade's one transaction, without the start's after it
