@@ -2367,6 +2367,10 @@ def test_metrics_are_prometheus_text_naming_each_device_only_in_a_small_fleet(ap
     assert samples[("fleetmon_device_up", (("device_id", DEVICE),))] == 1
     assert samples[("fleetmon_device_up", (("device_id", OTHER_DEVICE),))] == 0
     assert samples[("fleetmon_device_uptime_percent", (("device_id", DEVICE),))] == 100.0
+    served = client.get("/openapi.json").get_json()["paths"]["/metrics"]["get"]["responses"]["200"]
+    example = served["content"]["text/plain"]["example"]  # shows the series a scrape has, in its order
+    assert list(dict.fromkeys(name for name, _ in samples)) == list(dict.fromkeys(
+        sample.name for family in text_string_to_metric_families(example) for sample in family.samples))
     monkeypatch.setattr(fleetmon, "METRICS_PER_DEVICE_UP_TO", 4)
     text = client.get("/metrics").get_data(as_text=True)
     assert "fleetmon_devices{" in text and "fleetmon_device_up" not in text
