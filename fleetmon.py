@@ -1161,14 +1161,16 @@ def device_view(device: sqlite3.Row) -> dict:
     }
 
 
-def read_outages(db: sqlite3.Connection, device_key: int) -> list[dict]:
-    return [
-        {"started": rfc3339_ms(started), "ended": None if ended is None else rfc3339_ms(ended),
-         "seconds": None if ended is None else (ended - started) / 1000}
-        for started, ended in db.execute(
-            "SELECT started_ms, ended_ms FROM outages WHERE device_key = ? ORDER BY started_ms DESC LIMIT ?",
-            (device_key, OUTAGES_SHOWN))
-    ]
+def read_outages(db: sqlite3.Connection, device_key: int) -> list[tuple[int, int | None]]:
+    """A device's latest outages, newest first: (started_ms, ended_ms, None while it lasts)."""
+    return db.execute("SELECT started_ms, ended_ms FROM outages WHERE device_key = ? ORDER BY started_ms DESC LIMIT ?",
+                      (device_key, OUTAGES_SHOWN)).fetchall()
+
+
+def outage_view(started: int, ended: int | None) -> dict:
+    """An outage as the API shows it."""
+    return {"started": rfc3339_ms(started), "ended": None if ended is None else rfc3339_ms(ended),
+            "seconds": None if ended is None else (ended - started) / 1000}
 
 
 def listed_page(endpoint: str, condition: str = "true", **arguments) -> tuple[list[sqlite3.Row], str | None]:
@@ -1199,7 +1201,7 @@ def list_devices():
 def get_device(device_id: str):
     db = get_db()
     device = read_device(db, device_id)
-    return {**device_view(device), "outages": read_outages(db, device["device_key"])}
+    return {**device_view(device), "outages": [outage_view(*outage) for outage in read_outages(db, device["device_key"])]}
 
 
 def wants_html() -> bool:
@@ -1325,9 +1327,9 @@ def device_page(device_id: str):
 
     def html() -> str:
         now = now_ms()
-        outages = [{**outage, "lasted": short_duration(int(outage["seconds"] * 1000)) if outage["ended"] else
-                    f"{short_duration(now - int(datetime.fromisoformat(outage['started']).timestamp() * 1000))} so far"}
-                   for outage in read_outages(db, device["device_key"])]
+        outages = [{**outage_view(started, ended),
+                    "lasted": short_duration(ended - started) if ended is not None else f"{short_duration(now - started)} so far"}
+                   for started, ended in read_outages(db, device["device_key"])]
         return render_template("device.html", device=device_row(db, device, now, DEVICE_STRIP_MINUTES, DEVICE_STRIP_CELL_MINUTES),
                                outages=outages, keep_days=current_app.config["KEEP_DAYS"])
 

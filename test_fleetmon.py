@@ -2086,6 +2086,8 @@ def test_each_device_has_a_page_for_a_browser_and_json_for_an_api_client(app, cl
         assert '<span class="pill down">down</span> <span class="since">down for 2m1s</span>' in text
         assert "<td>still down</td>" in text and '<td class="num">2m1s so far</td>' in text  # its open outage
         assert client.get(f"/devices/{DEVICE}").get_json() == device_json(client)
+        send(client, heartbeat(minute_of_day(500)))  # heard again: the outage ends
+        assert '<td class="num">2m1s</td>' in client.get(f"/devices/{DEVICE}", headers=HTML).get_data(as_text=True)
     assert client.get("/devices/unknown", headers=HTML).status_code == 404
 
 
