@@ -1468,9 +1468,9 @@ class FleetCollector:
                 devices.add_metric([status], counts[status])
             yield devices
             alerts = CounterMetricFamily("fleetmon_alerts", "Changes of status, by the new status", labels=["status"])
+            alerted = dict(db.execute("SELECT status, count(*) FROM alerts GROUP BY status").fetchall())
             for status in ("down", "up"):
-                alerts.add_metric([status], db.execute("SELECT count(*) FROM alerts WHERE status = ?",
-                                                       (status,)).fetchone()[0])
+                alerts.add_metric([status], alerted.get(status, 0))
             yield alerts
             if counts["devices"] <= METRICS_PER_DEVICE_UP_TO:
                 up = GaugeMetricFamily("fleetmon_device_up", "1 if the device is up, 0 if down or never heard",

@@ -2239,14 +2239,23 @@ def test_the_uptime_column_is_uptime_percent_to_the_last_bit(uptime_column, onli
     assert uptime_column.execute("SELECT uptime FROM devices").fetchone()[0] == uptime_percent(online, first, last)
 
 
-def test_a_page_of_the_fleet_is_a_walk_along_an_index(app):
-    with closing(fleetmon.connect(app.config["DATABASE"])) as db:
-        db.execute("CREATE TEMP TABLE listed (device_key INTEGER PRIMARY KEY)")
-        plan = " | ".join(row[3] for row in db.execute(
-            f"EXPLAIN QUERY PLAN SELECT * FROM devices INDEXED BY devices_by_concern WHERE device_key IN temp.listed"
-            f" ORDER BY {fleetmon.BY_CONCERN} LIMIT {fleetmon.FLEET_PAGE_ROWS}"))
-    assert "USING INDEX devices_by_concern" in plan
-    assert "TEMP B-TREE" not in plan  # no sort of the whole fleet
+def test_a_page_of_the_fleet_reads_its_counts_and_rows_along_indexes(app, client):
+    pool = app.extensions["fleetmon.pool"]
+    db = pool.borrow()
+    ran = []
+    db.set_trace_callback(ran.append)  # each statement with its parameters in place
+    pool.give_back(db)  # for the page's request to borrow
+    try:
+        assert client.get("/", headers=HTML).status_code == 200
+    finally:
+        db.set_trace_callback(None)
+    counts, rows = (" | ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}"))
+                    for statement in ran if statement.startswith("SELECT"))
+    # The down and the never-heard devices counted from their small indexes alone...
+    assert "SEARCH devices USING COVERING INDEX devices_down" in counts
+    assert "SEARCH devices USING COVERING INDEX devices_never_heard" in counts
+    # ...and a page of rows a walk along the page's order, with no sort of the whole fleet.
+    assert "SCAN devices USING INDEX devices_by_concern" in rows and "TEMP B-TREE" not in rows
 
 
 def test_the_fleet_page_leads_with_the_devices_down_longest(app, client, monkeypatch):
