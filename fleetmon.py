@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from operator import attrgetter
@@ -324,9 +324,10 @@ def split_statements(script: str) -> list[str]:
     return statements
 
 
-def init_storage(app: Flask) -> None:
+def init_storage(app: Flask, device_ids: frozenset[str]) -> None:
     """Upgrade the database if it is an old one, apply schema.sql, give every device of
-    the devices file its row, and give the app its connections."""
+    the devices file its row, and give the app its connections and DEVICE_KEYS: the
+    devices file's ids, each with its key."""
     database = app.config["DATABASE"]
     if not database.parent.is_dir():
         raise StartupError(f"cannot use database {database}: there is no folder {database.parent}")
@@ -341,11 +342,11 @@ def init_storage(app: Flask) -> None:
             with transaction(db):
                 # Writes nothing for devices it has, so a start needs no free disk space.
                 db.executemany("INSERT INTO devices (device_id) VALUES (?) ON CONFLICT (device_id) DO NOTHING",
-                               ((device_id,) for device_id in sorted(app.config["DEVICE_IDS"])))
+                               ((device_id,) for device_id in sorted(device_ids)))
             # Writes name a device by its key: an integer lookup, not its text id's index.
             app.config["DEVICE_KEYS"] = {row["device_id"]: row["device_key"]
                                          for row in db.execute("SELECT device_key, device_id FROM devices")
-                                         if row["device_id"] in app.config["DEVICE_IDS"]}
+                                         if row["device_id"] in device_ids}
     except sqlite3.Error as error:
         raise StartupError(f"cannot use database {database}: {error}") from None
     app.extensions["fleetmon.pool"] = ConnectionPool(database, list(app.config["DEVICE_KEYS"].values()))
@@ -497,7 +498,7 @@ def require_known_device(endpoint: str | None, values: dict | None) -> None:
     """Every route with a device_id, here and in the rest, answers 404 for a device not
     in the devices file, whatever the method (OPTIONS too) and the body. A wrong method
     is found before, and leaves no values."""
-    if values and "device_id" in values and values["device_id"] not in current_app.config["DEVICE_IDS"]:
+    if values and "device_id" in values and values["device_id"] not in current_app.config["DEVICE_KEYS"]:
         abort(404, "device not found")
 
 
@@ -863,7 +864,7 @@ class Watch:
     """
 
     def __init__(self, db: sqlite3.Connection, down_after_seconds: float, started: float, announce=print,
-                 listed: frozenset[str] | None = None):
+                 listed: Container[str] | None = None):
         self.down_after = down_after_seconds
         self.announce = announce
         self.wake_delivery = threading.Event()
@@ -1053,7 +1054,7 @@ class Housekeeping:
             try:
                 self.db = opened.enter_context(closing(connect(self.database)))
                 self.delivery_db = opened.enter_context(closing(connect(self.database)))
-                self.watch = Watch(self.db, down_after_seconds, time.monotonic(), announce, app.config["DEVICE_IDS"])
+                self.watch = Watch(self.db, down_after_seconds, time.monotonic(), announce, app.config["DEVICE_KEYS"])
             except sqlite3.Error as error:  # the database is read as the server starts
                 raise StartupError(f"cannot use database {self.database}: {error}") from None
             self.connections = opened.pop_all()
@@ -1226,18 +1227,18 @@ def index():
 
 
 def about_this_server() -> dict:
-    device_ids = current_app.config["DEVICE_IDS"]
+    device_keys = current_app.config["DEVICE_KEYS"]
     return {
         "name": "fleetmon",
         "version": current_app.extensions["fleetmon.openapi"]["info"]["version"],
-        "devices": len(device_ids),
+        "devices": len(device_keys),
         "links": {
             "fleet_page": url_for(".index"),
             "devices": url_for(".list_devices"),
             "metrics": url_for("metrics.metrics_view"),
             "docs": url_for("docs.docs_page"),
             "openapi": url_for("docs.openapi_document"),
-            "example_stats": url_for("api.get_stats", device_id=min(device_ids)),
+            "example_stats": url_for("api.get_stats", device_id=min(device_keys)),
         },
     }
 
@@ -1571,7 +1572,6 @@ def create_app(database: Path = DEFAULT_DATABASE, devices_csv: Path = DEFAULT_DE
     app.config.update(
         DATABASE=Path(database),
         DEVICES_CSV=Path(devices_csv),
-        DEVICE_IDS=load_device_ids(Path(devices_csv)),
         KEEP_DAYS=keep_days,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
     )
@@ -1581,7 +1581,7 @@ def create_app(database: Path = DEFAULT_DATABASE, devices_csv: Path = DEFAULT_DE
         app.extensions["fleetmon.openapi"] = json.load(document)
     app.extensions["fleetmon.heard"] = []
     app.extensions["fleetmon.errors_seen"] = set()
-    init_storage(app)
+    init_storage(app, load_device_ids(Path(devices_csv)))
     init_fleet(app)
     init_metrics(app)
     for blueprint in (api, fleet, metrics, debug, docs):
@@ -1658,7 +1658,7 @@ def serve(app: Flask, host: str, port: int, down_after_seconds: float, alert_url
         server.close()
         raise
     try:
-        devices = len(app.config["DEVICE_IDS"])
+        devices = len(app.config["DEVICE_KEYS"])
         url = f"http://{url_host(host)}:{server.effective_port}"
         if app.config["UPGRADED"]:
             print(f"fleetmon: {app.config['UPGRADED']}")
