@@ -863,8 +863,8 @@ class Watch:
     up is given the down-after time from then: fleetmon's own downtime is not theirs.
     """
 
-    def __init__(self, db: sqlite3.Connection, down_after_seconds: float, started: float, announce=print,
-                 listed: Container[str] | None = None):
+    def __init__(self, db: sqlite3.Connection, down_after_seconds: float, started: float, listed: Container[str],
+                 announce=print):
         self.down_after = down_after_seconds
         self.announce = announce
         self.wake_delivery = threading.Event()
@@ -872,7 +872,7 @@ class Watch:
         self._lock = threading.Lock()
         for row in db.execute("SELECT device_id, last_heard_ms FROM devices"
                               " WHERE last_heard_ms IS NOT NULL AND down_since_ms IS NULL ORDER BY last_heard_ms"):
-            if listed is None or row["device_id"] in listed:  # a device dropped from the file is heard no more
+            if row["device_id"] in listed:  # a device dropped from the file is heard no more
                 self._due[row["device_id"]] = (started, row["last_heard_ms"])
         self.announced = db.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
 
@@ -1054,7 +1054,7 @@ class Housekeeping:
             try:
                 self.db = opened.enter_context(closing(connect(self.database)))
                 self.delivery_db = opened.enter_context(closing(connect(self.database)))
-                self.watch = Watch(self.db, down_after_seconds, time.monotonic(), announce, app.config["DEVICE_KEYS"])
+                self.watch = Watch(self.db, down_after_seconds, time.monotonic(), app.config["DEVICE_KEYS"], announce)
             except sqlite3.Error as error:  # the database is read as the server starts
                 raise StartupError(f"cannot use database {self.database}: {error}") from None
             self.connections = opened.pop_all()

@@ -1924,9 +1924,9 @@ class Watched:
     """The app's watch on who is down, on a monotonic clock (`now`) that the test moves
     with check_after(); `lines` are what it announced."""
 
-    def __init__(self, db, down_after, now):
+    def __init__(self, db, down_after, now, listed):
         self.db, self.now, self.lines = db, now, []
-        self.watch = fleetmon.Watch(db, down_after, now, announce=self.lines.append)
+        self.watch = fleetmon.Watch(db, down_after, now, listed, announce=self.lines.append)
 
     def heard(self, device_id, heard_at_ms):
         self.watch.heard(device_id, heard_at_ms, self.now)
@@ -1935,7 +1935,7 @@ class Watched:
 @contextmanager
 def watching(app, down_after=60, now=1_000.0):
     with closing(fleetmon.connect(app.config["DATABASE"])) as db:
-        watched = Watched(db, down_after, now)
+        watched = Watched(db, down_after, now, app.config["DEVICE_KEYS"])
         app.extensions["fleetmon.heard"].append(watched.heard)
         try:
             yield watched
@@ -1990,7 +1990,7 @@ def test_after_a_restart_no_device_is_down_before_the_down_after_time_and_unlist
     with watching(app, down_after=60):
         send(client, heartbeat(SENT_AT), heartbeat(SENT_AT, OTHER_DEVICE))  # heard, then fleetmon stops a long while
     with closing(fleetmon.connect(app.config["DATABASE"])) as db:  # restarted with a devices file without DEVICE
-        watch = fleetmon.Watch(db, 60, 50_000.0, announce=[].append, listed=frozenset({OTHER_DEVICE}))
+        watch = fleetmon.Watch(db, 60, 50_000.0, frozenset({OTHER_DEVICE}), announce=[].append)
         assert watch.check(db, 50_059.0, fleetmon.now_ms()) == 0
         assert device_json(client, OTHER_DEVICE)["status"] == "up"
         assert watch.check(db, 50_060.0, fleetmon.now_ms()) == 1
