@@ -3,9 +3,12 @@
 Devices post a heartbeat every minute and, after each video upload, how long it took.
 fleetmon keeps both in SQLite and answers, per device, its uptime and its mean upload
 time, exactly as the vendor's device simulator computes them. That is the contract, and
-this module tells it first: settings, the maths, storage, the three views, and serving
-them on waitress. The rest follows, marked as such: knowing which devices are down and
-saying so, the fleet and device pages, metrics, retention, the debug views and the docs.
+this module is it, read top to bottom: settings, the maths, the devices file, storage,
+the three views, the app factory, serving on waitress, and main.
+
+What an operator needs around it (who is down, alerts, retention, the fleet's pages,
+metrics, the docs) lives in modules beside this one, each named for what it is, and is
+wired in by create_app, as Flask's tutorial registers its blueprints.
 
     python fleetmon.py             serve (see --help)
     python simulator.py            drive it with the vendor's simulated day
@@ -16,45 +19,24 @@ saying so, the fleet and device pages, metrics, retention, the debug views and t
 import argparse
 import csv
 import errno
-import gc
-import http.client
 import json
-import logging
 import math
+import os
 import re
+import signal
 import socket
 import sqlite3
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-import warnings
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Container, Iterator
+import urllib.parse
+from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
-from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
 
-import prometheus_client
-from flask import (
-    Blueprint,
-    Flask,
-    abort,
-    current_app,
-    g,
-    render_template,
-    request,
-    url_for,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from swagger_ui_bundle import swagger_ui_path
-from waitress.adjustments import Adjustments
-from waitress.channel import HTTPChannel
-from waitress.server import TcpWSGIServer
-from waitress.task import ErrorTask, WSGITask
+from flask import Blueprint, Flask, abort, current_app, g, request
 from werkzeug.exceptions import Conflict, HTTPException, InternalServerError
 
 # --- Settings -------------------------------------------------------------------------
@@ -71,6 +53,10 @@ MAX_BODY_BYTES = 64 * 1024
 INT64_MAX = 2**63 - 1
 # Python will not turn a longer run of digits into an int (sys.get_int_max_str_digits).
 MAX_INTEGER_DIGITS = 4300
+# Telemetry stamped further ahead of fleetmon's clock than this comes from no device's
+# real clock; counted, one such heartbeat would stretch the device's uptime span for good.
+# The past stays open: a replayed day from long ago is what the simulator sends.
+MAX_AHEAD = timedelta(days=1)
 
 
 class StartupError(Exception):
@@ -125,6 +111,11 @@ def minute_to_rfc3339(minute: int) -> str:
     return (UNIX_EPOCH + minute * ONE_MINUTE).replace(tzinfo=None).isoformat() + "Z"
 
 
+def ms_to_rfc3339(ms: int) -> str:
+    """fleetmon's own clock, in ms since 1970, as the API writes it: 2024-01-01T10:04:00.250Z."""
+    return (UNIX_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def uptime_percent(online_minutes: int, first_minute: int | None, last_minute: int | None) -> float:
     """Online minutes as a percentage of the span from the first to the last of them.
 
@@ -145,8 +136,9 @@ def mean_ns(total_ns: int, count: int) -> int:
     return total_ns // count if count else 0
 
 
-def format_duration(ns: int) -> str:
-    """Format nanoseconds exactly as Go's time.Duration.String() does.
+def go_duration(ns: int) -> str:
+    """Nanoseconds exactly as Go's time.Duration.String() writes them, for the simulator
+    that compares avg_upload_time as a string.
 
     0s, 1ns, 1.5µs, 999.999999ms, 1s, 1m0s, 1h2m3.000000001s, -1h0m0s.
     """
@@ -178,6 +170,25 @@ def _decimal(value: int, places: int) -> str:
     return f"{whole}.{fraction:0{places}d}".rstrip("0")
 
 
+def human_duration(ns: int) -> str:
+    """A duration as a person reads it, on the pages and in the server window, to about
+    three figures: 850 ms, 45.2 s, 3 min 22 s, 2 h 5 min, 3 d 4 h. Never negative."""
+    ns = max(0, ns)
+    # Each unit up to where it would round to the next one's first value.
+    if ns < 999_500:
+        return f"{ns / 1_000:.0f} µs" if ns >= 1_000 else f"{ns} ns"
+    if ns < 999_500_000:
+        return f"{ns / 1_000_000:.0f} ms"
+    if ns < 59_950_000_000:
+        return f"{ns / 1_000_000_000:.1f}".removesuffix(".0") + " s"
+    seconds = round(ns / 1_000_000_000)
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60), ("min", 60, "s", 1)):
+        if seconds >= size:
+            whole, rest = divmod(seconds, size)
+            return f"{whole} {unit} {rest // smaller_size} {smaller}" if rest // smaller_size else f"{whole} {unit}"
+    raise AssertionError("unreachable: at least a minute here")
+
+
 class Aggregates(NamedTuple):
     """What fleetmon keeps per device for its stats, whatever the history's length."""
 
@@ -188,13 +199,18 @@ class Aggregates(NamedTuple):
     upload_total_ns: int
 
 
+def has_sent(aggregates: Aggregates) -> bool:
+    """Whether the device has sent anything that counts: a heartbeat or an upload."""
+    return aggregates.online_minutes > 0 or aggregates.upload_count > 0
+
+
 def device_stats(aggregates: Aggregates) -> dict | None:
     """GET stats' answer from a device's aggregates; None while it has sent nothing."""
-    if aggregates.online_minutes == 0 and aggregates.upload_count == 0:
+    if not has_sent(aggregates):
         return None
     return {
         "uptime": uptime_percent(aggregates.online_minutes, aggregates.first_minute, aggregates.last_minute),
-        "avg_upload_time": format_duration(mean_ns(aggregates.upload_total_ns, aggregates.upload_count)),
+        "avg_upload_time": go_duration(mean_ns(aggregates.upload_total_ns, aggregates.upload_count)),
     }
 
 
@@ -205,16 +221,21 @@ def load_device_ids(path: Path) -> frozenset[str]:
     """Read the ids under the ``device_id`` column of a CSV file.
 
     Tolerates what spreadsheets write: a UTF-8 byte-order mark, spaces around values,
-    blank lines and repeated ids. Refuses a file that lists no device, and an id that
-    no URL can reach: one with a '/', or '.' and '..', which browsers resolve away.
+    blank lines, repeated ids, and the semicolons that Excel separates with where the
+    comma is the decimal sign. Refuses a file that lists no device; an id that no URL can
+    reach: one with a '/', or '.' and '..', which browsers resolve away; and an id with a
+    control character, which would start a new line wherever it is printed.
     """
     try:
         with open(path, encoding="utf-8-sig", newline="") as file:
-            rows = list(enumerate(csv.reader(file), start=1))
+            text = file.read()
     except OSError as error:
         raise StartupError(f"cannot read devices file {path}: {error.strerror}") from None
     except UnicodeDecodeError:
         raise StartupError(f"devices file {path} is not UTF-8 text") from None
+    first_line = text.split("\n", 1)[0]
+    delimiter = ";" if "device_id" in first_line and ";" in first_line and "," not in first_line else ","
+    rows = list(enumerate(csv.reader(text.splitlines(), delimiter=delimiter), start=1))
     header = [name.strip() for name in rows[0][1]] if rows else []
     if "device_id" not in header:
         raise StartupError(f"devices file {path} has no device_id column in its first line")
@@ -224,6 +245,8 @@ def load_device_ids(path: Path) -> frozenset[str]:
         device_id = row[column].strip() if len(row) > column else ""
         if "/" in device_id or device_id in (".", ".."):
             raise StartupError(f"devices file {path}, line {line}: no URL can carry the device id {device_id!r}")
+        if not device_id.isprintable():
+            raise StartupError(f"devices file {path}, line {line}: the device id {device_id!r} has a control character")
         if device_id:
             device_ids.add(device_id)
     if not device_ids:
@@ -233,7 +256,7 @@ def load_device_ids(path: Path) -> frozenset[str]:
 
 # --- Storage --------------------------------------------------------------------------
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS = HERE / "migrations"
 # How long a statement waits for another connection's write lock before it fails. A
 # write holds it for microseconds, a checkpoint or a pruning step for milliseconds.
@@ -258,7 +281,6 @@ def connect(database: Path) -> sqlite3.Connection:
         # only a power cut or an OS crash can take back the last few.
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
-        db.execute("PRAGMA temp_store = MEMORY")
     except sqlite3.Error:  # a file that is not a database, say
         db.close()
         raise
@@ -324,13 +346,65 @@ def split_statements(script: str) -> list[str]:
     return statements
 
 
+class DatabaseLock:
+    """One fleetmon per database: a lock on the file `<database>.lock`, which the
+    operating system releases when its holder exits, however it exits (kill -9 too).
+
+    The file is removed when the lock is released. Whoever opened it just before then
+    finds, once it holds a lock, that the path names another file or none, and tries again.
+    """
+
+    def __init__(self, database: Path):
+        self.path = database.with_name(database.name + ".lock")
+        self._file = None
+
+    def acquire(self) -> None:
+        while True:
+            file = open(self.path, "a+b")
+            try:
+                _lock_whole_file(file)
+                if os.path.samestat(os.fstat(file.fileno()), os.stat(self.path)):
+                    self._file = file
+                    return
+            except OSError:
+                file.close()
+                raise StartupError(f"database {self.path.with_suffix('')} is in use by another fleetmon "
+                                   "(--db chooses another)") from None
+            file.close()
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self.path.unlink()  # while held: no one else can be holding the file it names
+        except OSError:
+            pass  # on Windows an open file stays; the next holder uses it as it is
+        self._file.close()
+        self._file = None
+
+
+def _lock_whole_file(file) -> None:
+    """Take the file's lock without waiting, or raise OSError."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        file.seek(0)
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def init_storage(app: Flask, device_ids: frozenset[str]) -> None:
-    """Upgrade the database if it is an old one, apply schema.sql, give every device of
-    the devices file its row, and give the app its connections and DEVICE_KEYS: the
-    devices file's ids, each with its key."""
+    """Take the database for this fleetmon alone, upgrade it if it is an old one, apply
+    schema.sql, mark the devices the devices file lists, and give the app its connections
+    and DEVICE_KEYS: the devices file's ids, each with its key."""
     database = app.config["DATABASE"]
     if not database.parent.is_dir():
         raise StartupError(f"cannot use database {database}: there is no folder {database.parent}")
+    lock = DatabaseLock(database)
+    lock.acquire()
     try:
         with app.open_resource("schema.sql") as file:
             schema = file.read().decode("utf-8")
@@ -339,31 +413,36 @@ def init_storage(app: Flask, device_ids: frozenset[str]) -> None:
             db.executescript(schema)  # what a new database is made of; an upgraded one has it
             if schema_version(db) == 0:  # a new database
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            with transaction(db):
-                # Writes nothing for devices it has, so a start needs no free disk space.
-                db.executemany("INSERT INTO devices (device_id) VALUES (?) ON CONFLICT (device_id) DO NOTHING",
-                               ((device_id,) for device_id in sorted(device_ids)))
-            # Writes name a device by its key: an integer lookup, not its text id's index.
-            app.config["DEVICE_KEYS"] = {row["device_id"]: row["device_key"]
-                                         for row in db.execute("SELECT device_key, device_id FROM devices")
-                                         if row["device_id"] in device_ids}
+            app.config["DEVICE_KEYS"] = list_devices(db, device_ids)
     except sqlite3.Error as error:
+        lock.release()
         raise StartupError(f"cannot use database {database}: {error}") from None
-    app.extensions["fleetmon.pool"] = ConnectionPool(database, list(app.config["DEVICE_KEYS"].values()))
+    except BaseException:
+        lock.release()
+        raise
+    app.extensions["fleetmon.lock"] = lock
+    app.extensions["fleetmon.pool"] = ConnectionPool(database)
     app.teardown_appcontext(release_db)
 
 
+def list_devices(db: sqlite3.Connection, device_ids: frozenset[str]) -> dict[str, int]:
+    """Give each device of the devices file its row, mark which devices it lists now, and
+    return their keys: writes name a device by its key, an integer, not its text id.
+    Writes nothing where nothing changed, so that a start needs no free disk space."""
+    ids = json.dumps(sorted(device_ids))
+    with transaction(db):
+        db.execute("INSERT INTO devices (device_id, listed) SELECT value, 1 FROM json_each(?) WHERE true"
+                   " ON CONFLICT (device_id) DO UPDATE SET listed = 1 WHERE NOT listed", (ids,))
+        db.execute("UPDATE devices SET listed = 0 WHERE listed AND device_id NOT IN (SELECT value FROM json_each(?))",
+                   (ids,))
+    return dict(db.execute("SELECT device_id, device_key FROM devices WHERE listed").fetchall())
+
+
 class ConnectionPool:
-    """Open connections to one database, each lent to one request at a time.
+    """Open connections to one database, each lent to one request at a time."""
 
-    Each knows, in its temporary table `listed`, the devices of this process's devices
-    file: what the fleet's pages and lists show, even while another fleetmon with
-    another devices file shares the database.
-    """
-
-    def __init__(self, database: Path, listed_keys: list[int]):
+    def __init__(self, database: Path):
         self.database = database
-        self.listed_keys = listed_keys
         self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -372,16 +451,7 @@ class ConnectionPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        db = connect(self.database)
-        try:
-            db.execute("CREATE TEMP TABLE listed (device_key INTEGER PRIMARY KEY)")
-            db.execute("BEGIN")  # not IMMEDIATE: a temporary table takes no lock on the database
-            db.executemany("INSERT INTO temp.listed VALUES (?)", ((key,) for key in self.listed_keys))
-            db.execute("COMMIT")
-        except BaseException:
-            db.close()
-            raise
-        return db
+        return connect(self.database)
 
     def give_back(self, db: sqlite3.Connection) -> None:
         with self._lock:
@@ -399,8 +469,10 @@ class ConnectionPool:
 
 
 def close_storage(app: Flask) -> None:
-    """Close the app's idle connections: the end of its life (a test's, the server's)."""
+    """Close the app's idle connections and let the database go: the end of its life (a
+    test's, the server's)."""
     app.extensions["fleetmon.pool"].close()
+    app.extensions["fleetmon.lock"].release()
 
 
 def get_db() -> sqlite3.Connection:
@@ -457,6 +529,16 @@ def record_upload(db: sqlite3.Connection, device_key: int, sent_at: datetime, up
           (device_key, minute, int(sent_at.timestamp()), upload_time_ns, heard_at_ms), device_key)
 
 
+def make_room(database: Path) -> None:
+    """After a write failed on a full disk: fold the write-ahead log into the database and
+    empty it, so that space freed meanwhile serves the next write rather than the log."""
+    try:
+        with closing(connect(database)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error:
+        pass  # still full: the next failure tries again
+
+
 def read_device(db: sqlite3.Connection, device_id: str) -> sqlite3.Row:
     return db.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
 
@@ -490,6 +572,8 @@ def unexpected_error(error: Exception):
     seen.add(kind)
     if isinstance(error, sqlite3.Error):
         discard_db()
+        if error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
+            make_room(current_app.config["DATABASE"])
     return error_as_json(InternalServerError())
 
 
@@ -539,7 +623,7 @@ def json_object_body() -> dict:
     return body
 
 
-def sent_at_field(body: dict) -> datetime:
+def sent_at_field(body: dict, heard_at_ms: int) -> datetime:
     """Validate body["sent_at"] and return it in UTC."""
     if "sent_at" not in body:
         abort(400, "sent_at is required")
@@ -547,9 +631,12 @@ def sent_at_field(body: dict) -> datetime:
     if not isinstance(body["sent_at"], str):
         abort(400, message)
     try:
-        return utc_datetime(body["sent_at"])
+        sent_at = utc_datetime(body["sent_at"])
     except ValueError:
         abort(400, message)
+    if sent_at - UNIX_EPOCH > timedelta(milliseconds=heard_at_ms) + MAX_AHEAD:
+        abort(400, f"sent_at is more than a day ahead of fleetmon's clock ({ms_to_rfc3339(heard_at_ms)})")
+    return sent_at
 
 
 def upload_time_field(body: dict) -> int:
@@ -576,8 +663,8 @@ def tell_heard(device_id: str, heard_at_ms: int) -> None:
 
 @api.post("/api/v1/devices/<device_id>/heartbeat")
 def post_heartbeat(device_id: str):
-    minute = minute_of(sent_at_field(json_object_body()))
     heard_at = now_ms()
+    minute = minute_of(sent_at_field(json_object_body(), heard_at))
     record_heartbeat(get_db(), current_app.config["DEVICE_KEYS"][device_id], minute, heard_at)
     tell_heard(device_id, heard_at)
     return no_content()
@@ -585,10 +672,10 @@ def post_heartbeat(device_id: str):
 
 @api.post("/api/v1/devices/<device_id>/stats")
 def post_stats(device_id: str):
-    body = json_object_body()
-    sent_at = sent_at_field(body)  # validated like a heartbeat's, but no heartbeat
-    upload_time = upload_time_field(body)
     heard_at = now_ms()
+    body = json_object_body()
+    sent_at = sent_at_field(body, heard_at)  # validated like a heartbeat's, but no heartbeat
+    upload_time = upload_time_field(body)
     record_upload(get_db(), current_app.config["DEVICE_KEYS"][device_id], sent_at, upload_time, heard_at)
     tell_heard(device_id, heard_at)
     return no_content()
@@ -602,9 +689,52 @@ def get_stats(device_id: str):
     return stats
 
 
+# --- The app factory ------------------------------------------------------------------
+
+
+def create_app(database: Path = DEFAULT_DATABASE, devices_csv: Path = DEFAULT_DEVICES_CSV,
+               keep_days: int | None = None, down_after_seconds: float = DEFAULT_DOWN_AFTER_SECONDS,
+               alert_url: str | None = None, **settings) -> Flask:
+    """The app factory. Raises StartupError for an unusable devices file or database.
+
+    Its owner calls close_storage(app) when done with it.
+    """
+    app = Flask(__name__, static_folder=None)
+    app.config.update(
+        DATABASE=Path(database),
+        DEVICES_CSV=Path(devices_csv),
+        KEEP_DAYS=keep_days,
+        DOWN_AFTER_SECONDS=down_after_seconds,
+        ALERT_URL=alert_url,
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        **settings,
+    )
+    # A path with "//" is an unknown path, not a redirect to another one.
+    app.url_map.merge_slashes = False
+    app.extensions["fleetmon.heard"] = []
+    app.extensions["fleetmon.background"] = []
+    app.extensions["fleetmon.errors_seen"] = set()
+    device_ids = load_device_ids(Path(devices_csv))
+    init_storage(app, device_ids)
+    app.register_blueprint(api)
+
+    # The monitor beside the contract, each module adding its views or its work.
+    import access
+    import activity
+    import debug
+    import docs
+    import fleet
+    import housekeeping
+    import metrics
+
+    for module in (access, fleet, metrics, debug, docs, housekeeping, activity):
+        module.init_app(app)
+    return app
+
+
 # --- Serving on waitress --------------------------------------------------------------
 
-# How waitress serves fleetmon (README.md, "How it works", says why):
+# How waitress serves fleetmon (OPERATING.md, "How it works", says why):
 WAITRESS_SETTINGS = {
     # Python runs one thread at a time and SQLite takes one writer at a time, so more
     # worker threads only add hand-offs. Slow clients hold no worker: waitress reads and
@@ -614,7 +744,7 @@ WAITRESS_SETTINGS = {
     # that select() can watch on Windows.
     "connection_limit": 450,
     # Drop a connection that has sent nothing for this long between requests. Checked
-    # every second, because the same check enforces REQUEST_SECONDS.
+    # every second, because the same check enforces connections.REQUEST_SECONDS.
     "channel_timeout": 15,
     "cleanup_interval": 1,
     # The socket thread sends a response of up to this many bytes, not the worker: a
@@ -628,1064 +758,55 @@ WAITRESS_SETTINGS = {
 }
 
 
-class KeepAliveTask(WSGITask):
-    """waitress's task, but keeping the connection open after a 204.
-
-    waitress closes the connection after any HTTP/1.1 response without a length, and a
-    204 may not carry one, so each heartbeat would cost a new connection. A 204 ends at
-    its blank line (RFC 9112, section 6.3), so nothing needs closing.
-    Upstream: https://github.com/Pylons/waitress/pull/502; when a release has it, this
-    class goes (test_fleetmon.py tells when).
-    """
-
-    def set_close_on_finish(self) -> None:
-        ends_at_blank_line = not self.has_body and self.version == "1.1" and not self.wrote_header
-        client_asks_to_close = self.request.headers.get("CONNECTION", "").lower() == "close"
-        if ends_at_blank_line and not client_asks_to_close:
-            return
-        super().set_close_on_finish()
-
-
-class JsonErrorTask(ErrorTask):
-    """waitress's own answer to HTTP it cannot parse, as JSON like fleetmon's other errors."""
-
-    def execute(self) -> None:
-        error = self.request.error
-        body = json.dumps({"msg": f"{error.reason}: {error.body}"}).encode()
-        self.status = f"{error.code} {error.reason}"
-        self.response_headers.append(("Content-Type", "application/json"))
-        self.set_close_on_finish()
-        self.content_length = len(body)
-        self.write(body)
-
-
-# A device sends its whole request, head and body, at once. A client that trickles one
-# holds a connection slot all the while (each byte resets channel_timeout), so a request
-# must arrive in full within this time of its first byte.
-REQUEST_SECONDS = 10
-
-
-def _request_timeout_response() -> bytes:
-    body = json.dumps({"msg": f"Request Timeout: the request did not arrive within {REQUEST_SECONDS} s"}).encode()
-    head = ("HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
-    return head.encode() + body
-
-
-REQUEST_TIMEOUT_RESPONSE = _request_timeout_response()
-
-
-class FleetmonChannel(HTTPChannel):
-    """waitress's channel, knowing when the request it is reading began to arrive."""
-
-    task_class = KeepAliveTask
-    error_task_class = JsonErrorTask
-    request_began: float | None = None  # None while no request is being read
-    timed_request = None  # the request whose beginning that is
-
-    def reading_request(self) -> bool:
-        request = self.request
-        # Blank lines before a request are allowed (RFC 9112, section 2.2) and begin none.
-        return request is not None and bool(request.headers_finished or request.header_plus.strip())
-
-    def received(self, data: bytes) -> bool:
-        # Runs in the socket thread only, as the server's checks do.
-        result = super().received(data)
-        if not self.reading_request():
-            self.request_began = self.timed_request = None
-        elif self.request is not self.timed_request:  # a request began in this data
-            self.request_began = self.last_activity  # when handle_read() got the data
-            self.timed_request = self.request
-        return result
-
-    def between_requests(self) -> bool:
-        """Nothing being read, queued, run or written: closing it loses no request."""
-        return not self.reading_request() and not self.requests and not self.total_outbufs_len
-
-    def request_waiting(self) -> bool:
-        """Whether bytes have come that the channel has yet to read: a request, perhaps."""
-        try:
-            return self.socket.recv(1, socket.MSG_PEEK) != b""  # b"": the client has gone
-        except OSError:  # BlockingIOError when nothing has come
-            return False
-
-    def time_out_request(self) -> None:
-        """Answer 408 to the request being read, and close once that is sent."""
-        with self.outbuf_lock:  # as waitress's send_continue() writes
-            self.outbufs[-1].append(REQUEST_TIMEOUT_RESPONSE)
-            self.current_outbuf_count += len(REQUEST_TIMEOUT_RESPONSE)
-            self.total_outbufs_len += len(REQUEST_TIMEOUT_RESPONSE)
-        self.close_when_flushed = True  # and reads no more
-        self.request_began = None
-
-
-class FleetmonServer(TcpWSGIServer):
-    """waitress's server, with REQUEST_SECONDS, and at the connection limit making room
-    for a new client by closing the connection idle the longest, as nginx does."""
-
-    channel_class = FleetmonChannel
-
-    def maintenance(self, now: float) -> None:
-        super().maintenance(now)  # channel_timeout
-        for channel in self.active_channels.values():
-            if channel.request_began is None:
-                continue
-            if channel.requests or channel.total_outbufs_len:
-                # A pipelined request waits on the server, which reads no more of it
-                # until it has answered the ones before: its time starts again.
-                channel.request_began = now
-            elif now - channel.request_began > REQUEST_SECONDS:
-                channel.time_out_request()
-
-    def has_room(self) -> bool:
-        return len(self._map) < self.adj.connection_limit  # as waitress counts
-
-    def channel_to_shed(self) -> FleetmonChannel | None:
-        """The channel idle the longest, of those with nothing come for them to read:
-        a client's request may be waiting for the socket thread to read it, even that
-        of a client just accepted, before its first read."""
-        idle = [channel for channel in self.active_channels.values() if channel.between_requests()]
-        idle.sort(key=attrgetter("last_activity"))
-        return next((channel for channel in idle if not channel.request_waiting()), None)
-
-    def readable(self) -> bool:
-        # waitress's, but at the limit it still accepts while a connection can be shed.
-        now = time.time()
-        if now >= self.next_channel_cleanup:
-            self.next_channel_cleanup = now + self.adj.cleanup_interval
-            self.maintenance(now)
-        if not self.accepting:
-            return False
-        full = not self.has_room() and not any(c.between_requests() for c in self.active_channels.values())
-        if full != self.in_connection_overflow:
-            self.in_connection_overflow = full
-            if full:
-                self.logger.warning("every connection is busy at the connection limit: new ones wait")
-        return not full
-
-    def handle_accept(self) -> None:
-        if self.has_room():
-            super().handle_accept()
-            return
-        idlest = self.channel_to_shed()
-        if idlest is None:
-            return  # the client waits in the listen queue, as with waitress
-        # Accept first: closed first, the idle channel's descriptor could go to the new
-        # socket, and an event select() reported for the old socket be handled as the
-        # new one's.
-        connections = len(self._map)
-        super().handle_accept()
-        if len(self._map) > connections:  # accepted
-            idlest.handle_close()
-
-
-def create_server(app: Flask, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **settings):
-    """A waitress server for app, with fleetmon's settings (or these) and channel.
-
-    Raises OSError, leaving nothing open, if it cannot listen on host:port. (Asked to
-    bind, waitress would leave its socket and worker thread behind when it cannot.)
-    """
-    listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    # With one worker thread requests queue by design; waitress would warn of every queue.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before anything else is opened or created, so that a
+    port in use stops the start with nothing left behind."""
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "send_bytes", DeprecationWarning)  # see WAITRESS_SETTINGS
-            adj = Adjustments(sockets=[listener], **(WAITRESS_SETTINGS | settings))
-        # What waitress.create_server() does with a socket it is given, but with our class.
-        sockinfo = (listener.family, listener.type, listener.proto, listener.getsockname())
-        return FleetmonServer(app, _sock=listener, bind_socket=False, adj=adj, sockinfo=sockinfo)
-    except BaseException:
-        listener.close()
-        raise
-
-
-# === The rest =========================================================================
-# Everything above is the contract. Below: what operators of a real fleet need around it.
-
-# --- Who is down: status, outages, alerts ---------------------------------------------
-#
-# A device is heard when fleetmon accepts its telemetry, by fleetmon's own clock: its
-# sent_at may be late, replayed or wrong. Deadlines are elapsed time (time.monotonic(),
-# which no clock change moves); what a person reads is the wall clock (now_ms()).
-
-STATUS_CHECK_SECONDS = 0.5
-
-
-def rfc3339_ms(ms: int) -> str:
-    return (UNIX_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def short_duration(ms: int) -> str:
-    """An elapsed time as a person says it, to the second: 45s, 5m, 7m12s, 2h5m, 3d4h."""
-    seconds = max(0, ms) // 1000
-    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if seconds >= size:
-            whole, rest = divmod(seconds, size)
-            return f"{whole}{unit}{rest // smaller_size}{smaller}" if rest // smaller_size else f"{whole}{unit}"
-    return f"{seconds}s"
-
-
-def alert_text(device_id: str, status: str, at_ms: int, last_heard_ms: int) -> str:
-    """The line a change of status prints in the server window and sends as `text`."""
-    if status == "down":
-        clock = rfc3339_ms(last_heard_ms)[11:19]
-        return f"fleetmon: {device_id} is down (last heard {clock} UTC, {short_duration(at_ms - last_heard_ms)} ago)"
-    return f"fleetmon: {device_id} is up again after {short_duration(at_ms - last_heard_ms)}"
-
-
-def mark_down(db: sqlite3.Connection, device_id: str, last_heard_ms: int, at_ms: int) -> bool:
-    """Declare a device down, unless it was heard again since last_heard_ms: its outage
-    starts when it was last heard, and the change is queued as an alert in the same
-    transaction. False if it was heard meanwhile."""
-    with transaction(db):
-        changed = db.execute(
-            "UPDATE devices SET down_since_ms = last_heard_ms"
-            " WHERE device_id = ? AND last_heard_ms = ? AND down_since_ms IS NULL RETURNING device_key",
-            (device_id, last_heard_ms),
-        ).fetchall()
-        if not changed:
-            return False
-        device_key = changed[0]["device_key"]
-        db.execute("INSERT INTO outages (device_key, started_ms) VALUES (?, ?)", (device_key, last_heard_ms))
-        db.execute("INSERT INTO alerts (device_key, status, at_ms, last_heard_ms) VALUES (?, 'down', ?, ?)",
-                   (device_key, at_ms, last_heard_ms))
-    return True
-
-
-class Watch:
-    """Who is due to be declared down, soonest first, and the server window's line for
-    each change of status.
-
-    Devices in the order they were last heard: the first is the one whose deadline comes
-    first, so a check reads only the devices that are overdue, whatever the fleet's size,
-    and hearing a device costs a move to the end. After a start, every device that was
-    up is given the down-after time from then: fleetmon's own downtime is not theirs.
-    """
-
-    def __init__(self, db: sqlite3.Connection, down_after_seconds: float, started: float, listed: Container[str],
-                 announce=print):
-        self.down_after = down_after_seconds
-        self.announce = announce
-        self.wake_delivery = threading.Event()
-        self._due: OrderedDict[str, tuple[float, int]] = OrderedDict()  # device_id: (heard, heard_at_ms)
-        self._lock = threading.Lock()
-        for row in db.execute("SELECT device_id, last_heard_ms FROM devices"
-                              " WHERE last_heard_ms IS NOT NULL AND down_since_ms IS NULL ORDER BY last_heard_ms"):
-            if row["device_id"] in listed:  # a device dropped from the file is heard no more
-                self._due[row["device_id"]] = (started, row["last_heard_ms"])
-        self.announced = db.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
-
-    def heard(self, device_id: str, heard_at_ms: int, monotonic_now: float | None = None) -> None:
-        """A listener of tell_heard(): runs in the request, after its commit."""
-        with self._lock:
-            self._due[device_id] = (time.monotonic() if monotonic_now is None else monotonic_now, heard_at_ms)
-            self._due.move_to_end(device_id)
-
-    def check(self, db: sqlite3.Connection, monotonic_now: float, now: int) -> int:
-        """Declare down every device not heard for down_after, and tell every change
-        since the last check (those of requests too: a device up again); returns how
-        many it declared down."""
-        with self._lock:
-            overdue = []
-            while self._due:
-                device_id, (heard_at, heard_at_ms) = next(iter(self._due.items()))
-                if heard_at + self.down_after > monotonic_now:
-                    break
-                del self._due[device_id]
-                overdue.append((device_id, heard_at_ms))
-        declared = 0
-        for number, (device_id, heard_at_ms) in enumerate(overdue):
-            try:
-                declared += mark_down(db, device_id, heard_at_ms, now)
-            except sqlite3.Error:
-                with self._lock:  # due again at the next check, first in line, unless heard meanwhile
-                    for overdue_id, at_ms in reversed(overdue[number:]):
-                        if overdue_id not in self._due:
-                            self._due[overdue_id] = (monotonic_now - self.down_after, at_ms)
-                            self._due.move_to_end(overdue_id, last=False)
-                raise
-        changes = db.execute("SELECT alerts.*, device_id FROM alerts JOIN devices USING (device_key)"
-                             " WHERE id > ? ORDER BY id", (self.announced,)).fetchall()
-        for alert in changes:
-            self.announce(alert_text(alert["device_id"], alert["status"], alert["at_ms"], alert["last_heard_ms"]))
-            self.announced = alert["id"]
-        if changes:
-            self.wake_delivery.set()
-        return declared
-
-
-ALERT_TIMEOUT_SECONDS = 5
-ALERT_RETRY_MAX_SECONDS = 60
-
-
-class AlertDelivery:
-    """Sends the queued alerts to the alert URL, oldest first, at least once each.
-
-    A failure is one line in the server window and a retry after a backoff that doubles
-    up to a minute; the alerts after it wait, so a receiver sees them in order. Without
-    an alert URL, an alert is delivered by having been printed.
-    """
-
-    def __init__(self, url: str | None, announce=print):
-        self.url = url
-        self.announce = announce
-        self.retry_after = 0.0  # seconds, after a failure
-        self.next_attempt = 0.0  # monotonic
-
-    def step(self, db: sqlite3.Connection, monotonic_now: float) -> int:
-        """Deliver what is queued, until a failure; returns how many were delivered."""
-        if monotonic_now < self.next_attempt:
-            return 0
-        delivered = 0
-        for alert in db.execute("SELECT alerts.*, device_id FROM alerts JOIN devices USING (device_key)"
-                                " WHERE NOT delivered ORDER BY id LIMIT 100").fetchall():
-            failure = self.send(alert) if self.url else None
-            if failure:
-                self.retry_after = min(max(1.0, 2 * self.retry_after), ALERT_RETRY_MAX_SECONDS)
-                self.next_attempt = monotonic_now + self.retry_after
-                self.announce(f"fleetmon: alert {alert['id']} ({alert['device_id']} {alert['status']}) not delivered "
-                              f"to {self.url}: {failure}; trying again in {short_duration(int(self.retry_after * 1000))}")
-                return delivered
-            self.retry_after = 0.0
-            db.execute("UPDATE alerts SET delivered = 1 WHERE id = ?", (alert["id"],))
-            delivered += 1
-        return delivered
-
-    def send(self, alert: sqlite3.Row) -> str | None:
-        """POST one alert; None if the receiver took it, else what went wrong."""
-        payload = {
-            "id": alert["id"],
-            "device_id": alert["device_id"],
-            "status": alert["status"],
-            "at": rfc3339_ms(alert["at_ms"]),
-            "last_heard": rfc3339_ms(alert["last_heard_ms"]),
-            "outage_seconds": (alert["at_ms"] - alert["last_heard_ms"]) / 1000 if alert["status"] == "up" else None,
-            "text": alert_text(alert["device_id"], alert["status"], alert["at_ms"], alert["last_heard_ms"]),
-        }
-        post = urllib.request.Request(self.url, data=json.dumps(payload).encode(), method="POST",
-                                      headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(post, timeout=ALERT_TIMEOUT_SECONDS) as response:
-                response.read(MAX_BODY_BYTES)
-        except urllib.error.HTTPError as error:
-            error.close()
-            return f"HTTP {error.code}"
-        except (OSError, http.client.HTTPException) as error:
-            return str(error) or type(error).__name__
-        return None
-
-
-# --- Retention: pruning in small steps ------------------------------------------------
-#
-# With --keep-days N, raw telemetry more than N days older than the device's own newest
-# minute goes: by each device's clock, so that a replayed day from long ago is not pruned
-# the moment it lands, and one device with a wrong clock cannot prune another's history.
-# The aggregates stay as they are, so lifetime stats never change. The kept history
-# starts on a whole hour (an online_hours row is kept or pruned whole), and telemetry
-# from before it is refused, so that nothing pruned can be counted twice.
-
-PRUNE_ROWS_PER_STEP = 500
-
-
-class Pruning:
-    """Pruning, a few hundred rows a transaction, so that a large backlog never holds
-    the write lock for long: the requests in between get it."""
-
-    def __init__(self, keep_days: int):
-        self.keep_minutes = keep_days * 24 * 60
-        self.pruning: tuple[int, int] | None = None  # (device_key, kept_from) being pruned
-
-    def step(self, db: sqlite3.Connection) -> bool:
-        """Prune up to PRUNE_ROWS_PER_STEP rows; False when there was nothing to do."""
-        if self.pruning is None:
-            # Devices whose window has moved on by an hour or more since they were pruned.
-            device = db.execute(
-                "SELECT device_key, newest_minute FROM devices WHERE newest_minute IS NOT NULL"
-                " AND (kept_from IS NULL OR kept_from <= newest_minute - :keep - 60) LIMIT 1",
-                {"keep": self.keep_minutes},
-            ).fetchone()
-            if device is None:
-                return False
-            kept_from = max((device["newest_minute"] - self.keep_minutes) // 60 * 60, FIRST_MINUTE)
-            # First the boundary, in a transaction of its own: from its commit on, telemetry
-            # before it is refused, and so the rows deleted next cannot come back. It never
-            # moves back (another fleetmon on the database may have moved it on).
-            db.execute("UPDATE devices SET kept_from = ? WHERE device_key = ? AND (kept_from IS NULL OR kept_from < ?)",
-                       (kept_from, device["device_key"], kept_from))
-            self.pruning = (device["device_key"], kept_from)
-        device_key, kept_from = self.pruning
-        deleted = db.execute(
-            "DELETE FROM online_hours WHERE device_key = :key AND hour IN"
-            " (SELECT hour FROM online_hours WHERE device_key = :key AND hour < :hour LIMIT :rows)",
-            {"key": device_key, "hour": kept_from // 60, "rows": PRUNE_ROWS_PER_STEP},
-        ).rowcount
-        deleted += db.execute(
-            "DELETE FROM uploads WHERE device_key = :key AND number IN"
-            " (SELECT number FROM uploads WHERE device_key = :key AND sent_at < :second LIMIT :rows)",
-            {"key": device_key, "second": kept_from * 60, "rows": PRUNE_ROWS_PER_STEP - deleted},
-        ).rowcount
-        if deleted < PRUNE_ROWS_PER_STEP:
-            self.pruning = None
-        return True
-
-
-# --- Background work beside the server ------------------------------------------------
-
-CHECKPOINT_SECONDS = 5
-
-
-class Housekeeping:
-    """The work that runs beside the server, in two threads of its own: the watch on who
-    is down and the pruning in one, alert delivery in the other (a receiver that never
-    answers holds up only its own thread). Each step takes the time as an argument, so
-    that the tests call the steps with the clock they choose; the threads loop them.
-
-    The periodic checkpoint folds the write-ahead log into the database so that the log is
-    reused from its start (and cut back to WAL_SIZE_LIMIT_BYTES): it stays bounded, and
-    once a full disk is freed, what the log holds moves out of it at the next round.
-    """
-
-    def __init__(self, app: Flask, down_after_seconds: float, alert_url: str | None, keep_days: int | None,
-                 announce=print):
-        self.database = app.config["DATABASE"]
-        self.stop = threading.Event()
-        with ExitStack() as opened:  # closed again if the start goes no further
-            try:
-                self.db = opened.enter_context(closing(connect(self.database)))
-                self.delivery_db = opened.enter_context(closing(connect(self.database)))
-                self.watch = Watch(self.db, down_after_seconds, time.monotonic(), app.config["DEVICE_KEYS"], announce)
-            except sqlite3.Error as error:  # the database is read as the server starts
-                raise StartupError(f"cannot use database {self.database}: {error}") from None
-            self.connections = opened.pop_all()
-        self.delivery = AlertDelivery(alert_url, announce)
-        self.pruning = Pruning(keep_days) if keep_days else None
-        self.next_checkpoint = 0.0
-        app.extensions["fleetmon.heard"].append(self.watch.heard)
-        self.threads = [threading.Thread(target=self.watch_and_prune, name="fleetmon watch"),
-                        threading.Thread(target=self.deliver_alerts, name="fleetmon alerts")]
-
-    def watch_and_prune(self) -> None:
-        while not self.stop.is_set():
-            busy = False
-            try:
-                now = time.monotonic()
-                self.watch.check(self.db, now, now_ms())
-                if now >= self.next_checkpoint:
-                    self.next_checkpoint = now + CHECKPOINT_SECONDS
-                    self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                busy = self.pruning is not None and self.pruning.step(self.db)
-            except Exception:  # a full disk, say: logged, and the next round tries again
-                logging.getLogger(__name__).exception("housekeeping failed")
-            self.stop.wait(0.005 if busy else STATUS_CHECK_SECONDS)
-
-    def deliver_alerts(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.delivery.step(self.delivery_db, time.monotonic())
-            except Exception:
-                logging.getLogger(__name__).exception("alert delivery failed")
-            self.watch.wake_delivery.wait(1.0)
-            self.watch.wake_delivery.clear()
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.watch.wake_delivery.set()
-        for thread in self.threads:
-            if thread.is_alive():
-                thread.join()
-        self.connections.close()
-
-
-# --- The fleet: its API, its page, a page per device ----------------------------------
-
-LIST_LIMIT = 1000
-FLEET_PAGE_ROWS = 50
-MAX_FLEET_PAGE = 1_000_000
-MAX_FILTER_CHARACTERS = 200
-FLEET_STRIP_MINUTES = 24 * 60
-DEVICE_STRIP_MINUTES = 7 * 24 * 60
-# A strip is drawn in cells of at least so many minutes (a multiple of 15 dividing 60), at
-# most 97 on the fleet page and 169 on a device's, however many gaps its device had; the
-# page's script makes them longer where the strip is too narrow for that many.
-FLEET_STRIP_CELL_MINUTES = 15
-DEVICE_STRIP_CELL_MINUTES = 60
-QUARTER = (1 << 15) - 1  # the minutes of a quarter hour, as bits of an hour's
-OUTAGES_SHOWN = 20
-# The fleet page's order, as the index devices_by_concern of schema.sql has it, so that a
-# page of it is a walk along that index.
-BY_CONCERN = "down_since_ms IS NULL, down_since_ms, online_minutes = 0 AND upload_count = 0, uptime, device_id"
-# A filter matching at most this many devices sorts its matches; one matching more
-# walks the index, where its matches are dense enough to fill a page quickly.
-FILTER_SORTS_UP_TO = 2000
-STATUSES = {
-    "up": "last_heard_ms IS NOT NULL AND down_since_ms IS NULL",
-    "down": "down_since_ms IS NOT NULL",
-    "never": "last_heard_ms IS NULL",
-}
-
-fleet = Blueprint("fleet", __name__)
-
-
-def int_argument(name: str, default: int, low: int, high: int) -> int:
-    """A whole-number query argument from low to high."""
-    text = request.args.get(name)
-    if text is None:
-        return default
-    # The length first: Python refuses to read a very long run of digits as an int.
-    if not (text.isascii() and text.isdigit() and len(text) <= len(str(high)) and low <= int(text) <= high):
-        abort(400, f"{name} must be a whole number from {low} to {high}")
-    return int(text)
-
-
-def status_of(device: sqlite3.Row) -> str:
-    if device["last_heard_ms"] is None:
-        return "never"
-    return "down" if device["down_since_ms"] is not None else "up"
-
-
-def device_view(device: sqlite3.Row) -> dict:
-    """A device as the API lists it."""
-    stats = device_stats(aggregates_of(device)) or {"uptime": None, "avg_upload_time": None}
-    optional = {"last_heard": (rfc3339_ms, device["last_heard_ms"]),
-                "down_since": (rfc3339_ms, device["down_since_ms"]),
-                "history_kept_from": (minute_to_rfc3339, device["kept_from"])}
-    return {
-        "device_id": device["device_id"],
-        "status": status_of(device),
-        **{name: None if value is None else to_text(value) for name, (to_text, value) in optional.items()},
-        **stats,
-    }
-
-
-def read_outages(db: sqlite3.Connection, device_key: int) -> list[tuple[int, int | None]]:
-    """A device's latest outages, newest first: (started_ms, ended_ms, None while it lasts)."""
-    return db.execute("SELECT started_ms, ended_ms FROM outages WHERE device_key = ? ORDER BY started_ms DESC LIMIT ?",
-                      (device_key, OUTAGES_SHOWN)).fetchall()
-
-
-def outage_view(started: int, ended: int | None) -> dict:
-    """An outage as the API shows it."""
-    return {"started": rfc3339_ms(started), "ended": None if ended is None else rfc3339_ms(ended),
-            "seconds": None if ended is None else (ended - started) / 1000}
-
-
-def listed_page(endpoint: str, condition: str = "true", **arguments) -> tuple[list[sqlite3.Row], str | None]:
-    """A page of the listed devices that meet condition, in id order from the request's
-    `after`, `limit` of them; and the URL of endpoint for the next page, if there is one."""
-    limit = int_argument("limit", 100, 1, LIST_LIMIT)
-    rows = get_db().execute(
-        f"SELECT * FROM devices INDEXED BY devices_by_id WHERE device_id > ? AND device_key IN temp.listed"
-        f" AND ({condition}) ORDER BY device_id LIMIT ?",
-        (request.args.get("after", ""), limit + 1),  # one more: is there a next page?
-    ).fetchall()
-    if len(rows) <= limit:
-        return rows, None
-    return rows[:limit], url_for(endpoint, after=rows[limit - 1]["device_id"], limit=limit, **arguments)
-
-
-@fleet.get("/api/v1/devices")
-def list_devices():
-    """The devices of the devices file in id order, a page at a time: `next` continues."""
-    status = request.args.get("status")
-    if status is not None and status not in STATUSES:
-        abort(400, "status must be up, down or never")
-    rows, next_url = listed_page(".list_devices", STATUSES[status] if status else "true", status=status)
-    return {"devices": [device_view(row) for row in rows], "next": next_url}
-
-
-@fleet.get("/api/v1/devices/<device_id>")
-def get_device(device_id: str):
-    db = get_db()
-    device = read_device(db, device_id)
-    return {**device_view(device), "outages": [outage_view(*outage) for outage in read_outages(db, device["device_key"])]}
-
-
-def wants_html() -> bool:
-    return request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html"
-
-
-def negotiated(html, json_body):
-    """One URL, two answers: HTML for a browser, JSON for everyone else."""
-    response = current_app.make_response(html() if wants_html() else json_body())
-    response.vary.add("Accept")
-    return response
-
-
-@fleet.get("/")
-def index():
-    """The fleet page for a browser; for an API client, what this server is."""
-    page = int_argument("page", 1, 1, MAX_FLEET_PAGE)  # checked for both, as the document says
-    text = request.args.get("q", "").strip()
-    if len(text) > MAX_FILTER_CHARACTERS:  # an id is not that long; a bound on what a request asks
-        abort(400, f"q must be at most {MAX_FILTER_CHARACTERS} characters")
-    return negotiated(lambda: fleet_page(text, page), about_this_server)
-
-
-def about_this_server() -> dict:
-    device_keys = current_app.config["DEVICE_KEYS"]
-    return {
-        "name": "fleetmon",
-        "version": current_app.extensions["fleetmon.openapi"]["info"]["version"],
-        "devices": len(device_keys),
-        "links": {
-            "fleet_page": url_for(".index"),
-            "devices": url_for(".list_devices"),
-            "metrics": url_for("metrics.metrics_view"),
-            "docs": url_for("docs.docs_page"),
-            "openapi": url_for("docs.openapi_document"),
-            "example_stats": url_for("api.get_stats", device_id=min(device_keys)),
-        },
-    }
-
-
-# A device of this process's devices file. EXISTS rather than IN: given IN, SQLite would
-# start from the listed devices, every one of them, rather than from the index at hand.
-LISTED = "EXISTS (SELECT 1 FROM temp.listed WHERE listed.device_key = devices.device_key)"
-
-
-# A device among a filter's matches, given as a JSON list of device keys.
-MATCHED = "device_key IN (SELECT value FROM json_each(:keys))"
-
-
-def count_by_status(db: sqlite3.Connection, keys: str | None = None) -> dict:
-    """How many of the listed devices, or of the MATCHED keys, are up, down and never
-    heard. Of the listed ones, only the few down or never heard are read, along their own
-    indexes; of the matched ones, each matched row."""
-    if keys is None:
-        devices = len(current_app.config["DEVICE_KEYS"])
-        down, never = db.execute(
-            f"SELECT (SELECT count(*) FROM devices INDEXED BY devices_down WHERE down_since_ms IS NOT NULL AND {LISTED}),"
-            f" (SELECT count(*) FROM devices INDEXED BY devices_never_heard WHERE last_heard_ms IS NULL AND {LISTED})"
-        ).fetchone()
-    else:
-        devices, down, never = db.execute(
-            f"SELECT count(*), count(down_since_ms), count(*) - count(last_heard_ms) FROM devices WHERE {MATCHED}",
-            {"keys": keys}).fetchone()
-    return {"devices": devices, "up": devices - down - never, "down": down, "never": never}
-
-
-def init_fleet(app: Flask) -> None:
-    # The filter searches these: the listed ids, folded once rather than on every page.
-    app.config["FOLDED_IDS"] = [(device_id.casefold(), key) for device_id, key in app.config["DEVICE_KEYS"].items()]
-
-
-def read_fleet_page(db: sqlite3.Connection, text: str, page: int) -> tuple[dict, int, int, list[sqlite3.Row]]:
-    """The counts, the page (past the end: the last), the number of pages, and the rows
-    of that page of the listed devices whose id contains text in any case, in the fleet
-    page's order.
-
-    Without a filter, a walk along the index. With one, a pass over the ids, folded in
-    memory (quicker than SQLite's LIKE over the index of ids), finds the matches; few are
-    then sorted, many are found along the index, where they are dense enough to fill a
-    page quickly.
-    """
-    arguments = {"rows": FLEET_PAGE_ROWS}
-    if text:
-        needle = text.casefold()
-        matches = [key for folded_id, key in current_app.config["FOLDED_IDS"] if needle in folded_id]
-        arguments["keys"] = json.dumps(matches)
-        counts = count_by_status(db, arguments["keys"])
-    else:
-        counts = count_by_status(db)
-    pages = max(1, math.ceil(counts["devices"] / FLEET_PAGE_ROWS))
-    page = min(page, pages)
-    arguments["offset"] = (page - 1) * FLEET_PAGE_ROWS
-    if text and len(matches) <= FILTER_SORTS_UP_TO:
-        rows = db.execute(f"SELECT * FROM devices WHERE {MATCHED} ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset",
-                          arguments).fetchall()
-    else:
-        rows = db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern"
-                          f" WHERE {MATCHED if text else 'device_key IN temp.listed'}"
-                          f" ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset", arguments).fetchall()
-    return counts, page, pages, rows
-
-
-def fleet_page(text: str, page: int) -> str:
-    db = get_db()
-    counts, page, pages, rows = read_fleet_page(db, text, page)
-    now = now_ms()
-
-    def page_url(number: int) -> str | None:
-        return url_for(".index", page=number, q=text or None) if 1 <= number <= pages else None
-
-    return render_template(
-        "fleet.html", counts=counts, q=text, page=page, pages=pages,
-        rows=[device_row(db, row, now, FLEET_STRIP_MINUTES, FLEET_STRIP_CELL_MINUTES) for row in rows],
-        prev_url=page_url(page - 1), next_url=page_url(page + 1),
-        keep_days=current_app.config["KEEP_DAYS"],
-    )
-
-
-@fleet.get("/devices/<device_id>")
-def device_page(device_id: str):
-    db = get_db()
-    device = read_device(db, device_id)
-
-    def html() -> str:
-        now = now_ms()
-        outages = [{**outage_view(started, ended),
-                    "lasted": short_duration(ended - started) if ended is not None else f"{short_duration(now - started)} so far"}
-                   for started, ended in read_outages(db, device["device_key"])]
-        return render_template("device.html", device=device_row(db, device, now, DEVICE_STRIP_MINUTES, DEVICE_STRIP_CELL_MINUTES),
-                               outages=outages, keep_days=current_app.config["KEEP_DAYS"])
-
-    return negotiated(html, lambda: get_device(device_id))
-
-
-def device_row(db: sqlite3.Connection, device: sqlite3.Row, now: int, strip_minutes: int, cell_minutes: int) -> dict:
-    """What a page shows of a device: its view, how long since it was heard, its average
-    as a person reads it (the exact one on hover) and its strip of online minutes."""
-    view = device_view(device)
-    status = view["status"]
-    if status == "never":
-        since = "never heard"
-    elif status == "down":
-        since = f"down for {short_duration(now - device['down_since_ms'])}"
-    else:
-        since = f"last heard {short_duration(now - device['last_heard_ms'])} ago"
-    return {
-        **view,
-        "since": since,
-        "url": url_for("fleet.device_page", device_id=device["device_id"]),
-        "online_minutes": device["online_minutes"],
-        "upload_count": device["upload_count"],
-        "average": human_duration(mean_ns(device["upload_total_ns"], device["upload_count"])),
-        "strip": online_strip(db, device, strip_minutes, cell_minutes),
-    }
-
-
-def online_strip(db: sqlite3.Connection, device: sqlite3.Row, strip_minutes: int, cell_minutes: int) -> dict | None:
-    """A device's last strip_minutes of heartbeats, within its kept history, to be drawn in
-    cells of cell_minutes; None if there are none."""
-    if not device["online_minutes"]:
-        return None
-    last = device["last_minute"]
-    first = max(minute for minute in (device["first_minute"], device["kept_from"], last - strip_minutes + 1)
-                if minute is not None)
-    if first > last:  # every heartbeat was before the kept history, and pruned
-        return None
-    hours = db.execute("SELECT hour, minutes FROM online_hours WHERE device_key = ? AND hour BETWEEN ? AND ?",
-                       (device["device_key"], first // 60, last // 60)).fetchall()
-    online, quarters = online_quarters(dict(hours), first, last)
-    span = last - first  # exclusive, as uptime counts it
-    return {
-        "from": minute_to_rfc3339(first),
-        "to": minute_to_rfc3339(last),
-        "quarters": quarters,
-        "cell_minutes": cell_minutes,
-        "label": f"{min(online, span)} of {span} minute{'s' if span != 1 else ''} online" if span else "1 minute online",
-    }
-
-
-def online_quarters(bits_of_hour: dict[int, int], first: int, last: int) -> tuple[int, str]:
-    """The minutes from first to last online: how many, and a hex digit per quarter hour
-    (from the one of first to the one of last) saying how many of its minutes in that
-    span were. The page's script draws the strip from the digits, so a page sends a
-    character per quarter hour rather than markup per gap.
-
-    ({0: 0b111, 1: 1 << 59}, 2, 119) gives (2, "10000001"): minutes 2 and 119.
-    """
-    online, quarters = 0, []
-    for hour in range(first // 60, last // 60 + 1):
-        bits = bits_of_hour.get(hour, 0)
-        if hour == first // 60:
-            bits &= -1 << first % 60
-        if hour == last // 60:
-            bits &= (1 << last % 60 + 1) - 1
-        online += bits.bit_count()
-        quarters.append(f"{(bits & QUARTER).bit_count():x}{(bits >> 15 & QUARTER).bit_count():x}"
-                        f"{(bits >> 30 & QUARTER).bit_count():x}{(bits >> 45 & QUARTER).bit_count():x}")
-    before_first, after_last = first % 60 // 15, 3 - last % 60 // 15  # quarters of those hours outside the span
-    return online, "".join(quarters)[before_first:4 * len(quarters) - after_last]
-
-
-def human_duration(ns: int) -> str:
-    """A mean upload time as a person reads it: 3 min 22 s, 45.2 s, 850 ms."""
-    # Each unit up to where it would round to the next one's first value.
-    if ns < 999_500:
-        return f"{ns / 1_000:.0f} µs" if ns >= 1_000 else f"{ns} ns"
-    if ns < 999_500_000:
-        return f"{ns / 1_000_000:.0f} ms"
-    if ns < 59_950_000_000:
-        return f"{ns / 1_000_000_000:.1f} s"
-    seconds = round(ns / 1_000_000_000)
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-
-
-# --- Metrics for Prometheus -----------------------------------------------------------
-
-# Per-device series only for a fleet this small: a scrape of a larger one would be
-# large, and every device a series of its own in the time-series database.
-METRICS_PER_DEVICE_UP_TO = 1000
-
-metrics = Blueprint("metrics", __name__)
-
-
-class FleetCollector:
-    """The fleet's metrics, read at each scrape: the devices by status and the alerts
-    from the database, the requests from what the app counted (which the server window's
-    activity line reads too)."""
-
-    def __init__(self, app: Flask):
-        self.app = app
-        self.answered: Counter[tuple[str, int]] = Counter()  # (endpoint, status): requests
-        self._lock = threading.Lock()
-
-    def count(self, response):
-        """An after_request hook. A plain count, not a prometheus_client counter's
-        labels() on every request: this runs for every heartbeat."""
-        with self._lock:
-            self.answered[request.endpoint or "none", response.status_code] += 1
-        return response
-
-    def answers(self) -> Counter[tuple[str, int]]:
-        """The requests answered so far, by (endpoint, status)."""
-        with self._lock:
-            return Counter(self.answered)
-
-    def collect(self):
-        answered = self.answers()
-        requests = CounterMetricFamily("fleetmon_requests", "Requests answered, by endpoint and status",
-                                       labels=["endpoint", "status"])
-        for (endpoint, status), count in sorted(answered.items()):
-            requests.add_metric([endpoint, str(status)], count)
-        yield requests
-        telemetry = CounterMetricFamily("fleetmon_telemetry", "Telemetry accepted, by kind", labels=["kind"])
-        for kind, endpoint in (("heartbeat", "api.post_heartbeat"), ("upload", "api.post_stats")):
-            telemetry.add_metric([kind], answered.get((endpoint, 204), 0))
-        yield telemetry
-        with self.app.app_context():
-            db = get_db()
-            counts = count_by_status(db)
-            devices = GaugeMetricFamily("fleetmon_devices", "Devices of the devices file, by status", labels=["status"])
-            for status in STATUSES:
-                devices.add_metric([status], counts[status])
-            yield devices
-            alerts = CounterMetricFamily("fleetmon_alerts", "Changes of status, by the new status", labels=["status"])
-            alerted = dict(db.execute("SELECT status, count(*) FROM alerts GROUP BY status").fetchall())
-            for status in ("down", "up"):
-                alerts.add_metric([status], alerted.get(status, 0))
-            yield alerts
-            if counts["devices"] <= METRICS_PER_DEVICE_UP_TO:
-                up = GaugeMetricFamily("fleetmon_device_up", "1 if the device is up, 0 if down or never heard",
-                                       labels=["device_id"])
-                uptime = GaugeMetricFamily("fleetmon_device_uptime_percent", "The device's uptime, as GET stats has it",
-                                           labels=["device_id"])
-                for device in db.execute("SELECT * FROM devices WHERE device_key IN temp.listed ORDER BY device_id"):
-                    up.add_metric([device["device_id"]], status_of(device) == "up")
-                    uptime.add_metric([device["device_id"]], device["uptime"])
-                yield up
-                yield uptime
-
-
-def init_metrics(app: Flask) -> None:
-    collector = FleetCollector(app)
-    registry = prometheus_client.CollectorRegistry()
-    registry.register(collector)
-    app.extensions["fleetmon.metrics"] = registry
-    app.extensions["fleetmon.answers"] = collector.answers
-    app.after_request(collector.count)
-
-
-@metrics.get("/metrics")
-def metrics_view():
-    registry = current_app.extensions["fleetmon.metrics"]
-    return prometheus_client.generate_latest(registry), 200, {"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
-
-
-# --- Debug views and docs -------------------------------------------------------------
-
-debug = Blueprint("debug", __name__)
-# Swagger UI from the swagger-ui-bundle package, so that the docs work offline.
-docs = Blueprint("docs", __name__, static_folder=swagger_ui_path, static_url_path="/docs",
-                 template_folder=swagger_ui_path)
-
-
-@debug.get("/debug/devices")
-def debug_devices():
-    """The listed devices in id order, a page at a time: `next` continues the list."""
-    rows, next_url = listed_page(".debug_devices")
-    return {
-        "devices": [
-            {
-                "device_id": row["device_id"],
-                "has_sent": bool(row["online_minutes"] or row["upload_count"]),
-                "online_minutes": row["online_minutes"],
-                "upload_count": row["upload_count"],
-                "history_kept_from": None if row["kept_from"] is None else minute_to_rfc3339(row["kept_from"]),
-            }
-            for row in rows
-        ],
-        "next": next_url,
-    }
-
-
-@debug.get("/debug/stats/<device_id>")
-def debug_stats(device_id: str):
-    db = get_db()
-    row = read_device(db, device_id)
-    has_heartbeats = row["online_minutes"] > 0
-    stored = db.execute(
-        "SELECT (SELECT count(*) FROM online_hours WHERE device_key = :key),"
-        " (SELECT count(*) FROM uploads WHERE device_key = :key)", {"key": row["device_key"]}).fetchone()
-    return {
-        "device_id": device_id,
-        "online_minutes": row["online_minutes"],
-        "first_online_minute": minute_to_rfc3339(row["first_minute"]) if has_heartbeats else None,
-        "last_online_minute": minute_to_rfc3339(row["last_minute"]) if has_heartbeats else None,
-        "upload_count": row["upload_count"],
-        "upload_total_ns": row["upload_total_ns"],
-        "history_kept_from": None if row["kept_from"] is None else minute_to_rfc3339(row["kept_from"]),
-        "stored_hours": stored[0],
-        "stored_uploads": stored[1],
-        "stats": device_stats(aggregates_of(row)),
-    }
-
-
-@docs.get("/openapi.json")
-def openapi_document():
-    return current_app.extensions["fleetmon.openapi"]
-
-
-@docs.get("/docs/")
-def docs_page():
-    return render_template("index.j2", openapi_spec_url=url_for(".openapi_document"))
-
-
-# --- Putting it together --------------------------------------------------------------
-
-
-def create_app(database: Path = DEFAULT_DATABASE, devices_csv: Path = DEFAULT_DEVICES_CSV,
-               keep_days: int | None = None) -> Flask:
-    """The app factory. Raises StartupError for an unusable devices file or database.
-
-    Its owner calls close_storage(app) when done with it.
-    """
-    app = Flask(__name__, static_folder=None)
-    app.config.update(
-        DATABASE=Path(database),
-        DEVICES_CSV=Path(devices_csv),
-        KEEP_DAYS=keep_days,
-        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
-    )
-    # A path with "//" is an unknown path, not a redirect to another one.
-    app.url_map.merge_slashes = False
-    with app.open_resource("openapi.json") as document:
-        app.extensions["fleetmon.openapi"] = json.load(document)
-    app.extensions["fleetmon.heard"] = []
-    app.extensions["fleetmon.errors_seen"] = set()
-    init_storage(app, load_device_ids(Path(devices_csv)))
-    init_fleet(app)
-    init_metrics(app)
-    for blueprint in (api, fleet, metrics, debug, docs):
-        app.register_blueprint(blueprint)
-    return app
-
-
-ACTIVITY_INTERVAL_SECONDS = 10
-# The answers the activity line counts, by the endpoint that gives them.
-ACTIVITY_KINDS = {"api.post_heartbeat": "heartbeats", "api.post_stats": "uploads", "api.get_stats": "stats reads"}
-
-
-class Activity:
-    """What the server answered since the last line, told as one line an interval, and
-    nothing while idle: telemetry answered, and every error fleetmon answers (not those
-    waitress answers itself, before fleetmon sees the request)."""
-
-    def __init__(self, answers: Callable[[], Counter[tuple[str, int]]], monotonic_now: float):
-        self._answers = answers  # the app's count, by (endpoint, status), so far
-        self._told = answers()
-        self._since = monotonic_now
-
-    def take_line(self, monotonic_now: float) -> str | None:
-        """The line for what was answered since the last call, or None if nothing was."""
-        answered = self._answers()
-        new, self._told = answered - self._told, answered
-        seconds, self._since = monotonic_now - self._since, monotonic_now
-        telemetry, errors = Counter(), Counter()
-        for (endpoint, status), count in new.items():
-            if status >= 400:
-                errors[status] += count
-            elif endpoint in ACTIVITY_KINDS:
-                telemetry[ACTIVITY_KINDS[endpoint]] += count
-        if not telemetry and not errors:
-            return None
-        parts = [f"{telemetry[kind]:,} {kind}" for kind in ACTIVITY_KINDS.values()]
-        rejected = sum(n for status, n in errors.items() if status < 500)
-        parts.append(f"{rejected:,} rejected")
-        if rejected < errors.total():
-            parts.append(f"{errors.total() - rejected:,} failed")
-        line = f"fleetmon: last {seconds:.0f} s: " + ", ".join(parts)
-        if errors:
-            line += " (" + ", ".join(f"{status} x{n:,}" for status, n in sorted(errors.items())) + ")"
-        return line
-
-
-def report_activity(activity: Activity, stop: threading.Event) -> None:
-    while not stop.wait(ACTIVITY_INTERVAL_SECONDS):
-        line = activity.take_line(time.monotonic())
-        if line:
-            print(line, flush=True)
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as error:
+        in_use = error.errno == errno.EADDRINUSE
+        reason = "the port is in use (another fleetmon? --port chooses another)" if in_use else error.strerror
+        raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def serve(app: Flask, host: str, port: int, down_after_seconds: float, alert_url: str | None) -> None:
-    """Serve app with waitress until Ctrl+C, with the housekeeping beside it, telling
-    what it does."""
+@contextmanager
+def stopping_on_sigterm() -> Iterator[None]:
+    """SIGTERM, what a service manager sends to stop, ends the server as Ctrl+C does."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        server = create_server(app, host, port)
-    except OSError as error:
-        in_use = error.errno == errno.EADDRINUSE
-        reason = "the port is in use (another fleetmon? --port chooses another)" if in_use else error.strerror
-        raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
-    activity = Activity(app.extensions["fleetmon.answers"], time.monotonic())
-    stop = threading.Event()
-    reporter = threading.Thread(target=report_activity, args=(activity, stop), name="fleetmon activity")
-    try:
-        housekeeping = Housekeeping(app, down_after_seconds, alert_url, app.config["KEEP_DAYS"],
-                                    announce=lambda line: print(line, flush=True))
-    except BaseException:
-        server.close()
-        raise
-    try:
-        devices = len(app.config["DEVICE_KEYS"])
-        url = f"http://{url_host(host)}:{server.effective_port}"
-        if app.config["UPGRADED"]:
-            print(f"fleetmon: {app.config['UPGRADED']}")
-        print(f"fleetmon: {devices:,} device{'s' if devices != 1 else ''} from {app.config['DEVICES_CSV'].absolute()}, "
-              f"database {app.config['DATABASE'].absolute()}")
-        print(f"fleetmon: a device is down after {short_duration(int(down_after_seconds * 1000))} unheard"
-              + (f"; alerts to {alert_url}" if alert_url else "")
-              + (f"; history kept {app.config['KEEP_DAYS']} days" if app.config["KEEP_DAYS"] else ""))
-        print(f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)", flush=True)
-        reporter.start()
-        housekeeping.start()
-        # What the start built lives as long as the server (the devices' ids, above all):
-        # kept out of the garbage collector's sight, a full collection no longer walks it
-        # all while the one worker waits.
-        gc.freeze()
-        server.run()  # until Ctrl+C, which it catches
+        yield
     finally:
-        gc.unfreeze()
-        stop.set()
-        if reporter.is_alive():
-            reporter.join()
-        housekeeping.close()
-        server.close()
-        last_line = activity.take_line(time.monotonic())
-        if last_line:
-            print(last_line)
-        print("fleetmon: stopped", flush=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def serve(app: Flask, listener: socket.socket, announce=print) -> None:
+    """Serve app with waitress on listener until Ctrl+C or SIGTERM, with the monitor's
+    work beside it, telling what it does. Closes listener."""
+    import connections
+
+    server = connections.create_server(app, listener, **WAITRESS_SETTINGS)
+    with ExitStack() as running:
+        running.callback(announce, "fleetmon: stopped")
+        running.callback(server.close)
+        host, port = listener.getsockname()[:2]
+        url = f"http://{url_host(host)}:{port}"
+        if app.config["UPGRADED"]:
+            announce(f"fleetmon: {app.config['UPGRADED']}")
+        devices = len(app.config["DEVICE_KEYS"])
+        announce(f"fleetmon: {devices:,} device{'s' if devices != 1 else ''} from "
+                 f"{app.config['DEVICES_CSV'].absolute()}, database {app.config['DATABASE'].absolute()}")
+        for start in app.extensions["fleetmon.background"]:
+            running.enter_context(start(app, announce))
+        announce(f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)")
+        with stopping_on_sigterm():
+            server.run()  # until Ctrl+C, which it catches
+
+
+# --- main -----------------------------------------------------------------------------
 
 
 def seconds_argument(text: str) -> float:
@@ -1696,41 +817,84 @@ def seconds_argument(text: str) -> float:
         seconds = float(number) * unit
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
+    if not math.isfinite(seconds):
         raise argparse.ArgumentTypeError(f"{text!r} is not a time: give seconds, or a number with s, m or h, like 5m")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not more than no time at all: give a time like 5m")
     return seconds
 
 
+def whole_days(text: str) -> int:
+    """--keep-days: a whole number of days, 1 or more."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days, 1 or more")
+    return int(text)
+
+
+def port_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 to 65535")
+    return int(text)
+
+
+def web_url(text: str) -> str:
+    """--alert-url: an http or https URL with a host."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        has_host = bool(parts.hostname)
+    except ValueError:
+        has_host = False
+    if parts.scheme not in ("http", "https") or not has_host:
+        raise argparse.ArgumentTypeError("must be an http:// or https:// URL with a host, like https://example.com/hook")
+    return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Refuses a mistaken command line in one line, as every other mistake at start is."""
+
+    def error(self, message: str):
+        # A value that begins with "-" (--down-after -5s) is taken for an option.
+        message = message.replace("expected one argument", "expected a value (one beginning with - goes as --option=VALUE)")
+        self.exit(2, f"fleetmon: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fleetmon.py", description="Serve fleetmon with waitress.")
+    # Whatever the console or file takes, a device id prints: escaped if it must be.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace", line_buffering=True)
+    parser = OneLineParser(prog="fleetmon.py", description="Serve fleetmon with waitress.")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port, 0 for any free one (default %(default)s)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="port, 0 for any free one (default %(default)s)")
     parser.add_argument("--devices", type=Path, default=DEFAULT_DEVICES_CSV,
                         help="devices CSV (default: beside fleetmon.py)")
     parser.add_argument("--db", type=Path, default=DEFAULT_DATABASE, help="SQLite database (default: beside fleetmon.py)")
     parser.add_argument("--down-after", type=seconds_argument, default=DEFAULT_DOWN_AFTER_SECONDS, metavar="TIME",
                         help="a device not heard for this long is down: seconds, or with s, m or h (default 5m)")
-    parser.add_argument("--alert-url", metavar="URL", help="POST each change of status here as JSON (a Slack or "
-                        "Mattermost incoming webhook shows its text)")
-    parser.add_argument("--keep-days", type=int, metavar="N", help="prune raw telemetry more than N days older than "
-                        "each device's newest (default: keep everything); stats are kept whole")
+    parser.add_argument("--alert-url", type=web_url, metavar="URL", help="POST each change of status here as JSON "
+                        "(a Slack or Mattermost incoming webhook shows its text)")
+    parser.add_argument("--keep-days", type=whole_days, metavar="N", help="prune raw telemetry more than N days "
+                        "older than each device's newest (default: keep everything); stats are kept whole")
+    parser.add_argument("--password-file", type=Path, metavar="PATH", help="the operator's password, for the "
+                        "pages, the fleet API, /metrics and the docs when listening beyond loopback "
+                        "(or set FLEETMON_PASSWORD)")
+    parser.add_argument("--open-to-all", action="store_true", help="beyond loopback with no password: leave the "
+                        "operator's views open to anyone who reaches the port, knowingly")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a further host name fleetmon is reached by (a proxy's, say); repeatable")
     args = parser.parse_args(argv)
 
-    if not 0 <= args.port <= 65535:
-        print(f"fleetmon: port {args.port} is outside 0-65535", file=sys.stderr)
-        return 1
-    if args.keep_days is not None and args.keep_days < 1:
-        print(f"fleetmon: --keep-days must be 1 or more, not {args.keep_days}", file=sys.stderr)
-        return 1
-    if args.alert_url and not args.alert_url.startswith(("http://", "https://")):
-        print(f"fleetmon: --alert-url must be an http:// or https:// URL, not {args.alert_url!r}", file=sys.stderr)
-        return 1
     try:
-        app = create_app(database=args.db, devices_csv=args.devices, keep_days=args.keep_days)
-        try:
-            serve(app, args.host, args.port, args.down_after, args.alert_url)
-        finally:
-            close_storage(app)
+        import access
+
+        operators = access.operator_settings(args.host, args.password_file, args.open_to_all, args.allowed_host)
+        with ExitStack() as started:
+            listener = started.enter_context(listen(args.host, args.port))
+            app = create_app(database=args.db, devices_csv=args.devices, keep_days=args.keep_days,
+                             down_after_seconds=args.down_after, alert_url=args.alert_url, **operators)
+            started.callback(close_storage, app)
+            serve(app, listener)
     except StartupError as error:
         print(f"fleetmon: {error}", file=sys.stderr)
         return 1

@@ -14,7 +14,8 @@ PRAGMA journal_mode = WAL;
 
 -- One row per device ever listed in a devices file: its aggregates, kept in step with
 -- the raw telemetry below by the statements that store it, so that GET stats reads one
--- row whatever the history; its retention boundary; and its status by fleetmon's clock.
+-- row whatever the history; its retention boundary; its status by fleetmon's clock; and
+-- whether the devices file lists it now (one fleetmon a database, so this is a fact).
 -- device_key is what the raw tables repeat, so that no row carries the text id.
 CREATE TABLE IF NOT EXISTS devices (
     device_key      INTEGER PRIMARY KEY,
@@ -34,7 +35,8 @@ CREATE TABLE IF NOT EXISTS devices (
         CASE WHEN online_minutes = 0 THEN 0.0
              WHEN last_minute = first_minute THEN 100.0
              ELSE min(online_minutes * 1.0 / (last_minute - first_minute) * 100, 100.0) END
-    ) VIRTUAL
+    ) VIRTUAL,
+    listed          INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE UNIQUE INDEX IF NOT EXISTS devices_by_id ON devices (device_id);
@@ -43,12 +45,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS devices_by_id ON devices (device_id);
 -- first; devices that have sent nothing last. A page of it is a walk along this index.
 CREATE INDEX IF NOT EXISTS devices_by_concern ON devices (
     down_since_ms IS NULL, down_since_ms, online_minutes = 0 AND upload_count = 0, uptime, device_id
-);
+) WHERE listed;
 -- Counting the down and the never-heard devices reads only these entries. Neither index
--- changes when a heard device is heard again. (fleetmon's queries name the index each
--- one walks: with a temporary table in the query, SQLite would rather start from that.)
-CREATE INDEX IF NOT EXISTS devices_down ON devices (down_since_ms) WHERE down_since_ms IS NOT NULL;
-CREATE INDEX IF NOT EXISTS devices_never_heard ON devices (last_heard_ms) WHERE last_heard_ms IS NULL;
+-- changes when a heard device is heard again.
+CREATE INDEX IF NOT EXISTS devices_down ON devices (down_since_ms) WHERE down_since_ms IS NOT NULL AND listed;
+CREATE INDEX IF NOT EXISTS devices_never_heard ON devices (last_heard_ms) WHERE last_heard_ms IS NULL AND listed;
 
 -- A device's online minutes, an hour a row: bit m of `minutes` is minute m of the hour
 -- (bits 0-59). A heartbeat sets one bit; a retry finds it set and changes nothing.
@@ -75,6 +76,15 @@ CREATE TABLE IF NOT EXISTS outages (
     ended_ms   INTEGER,                -- NULL while it lasts
     PRIMARY KEY (device_key, started_ms)
 ) WITHOUT ROWID;
+-- Retention reads the oldest ended outages and alerts first.
+CREATE INDEX IF NOT EXISTS outages_by_end ON outages (ended_ms) WHERE ended_ms IS NOT NULL;
+
+-- The device whose telemetry before kept_from retention is deleting, a step at a time:
+-- written with the boundary, so that a restart finishes what a kill interrupted.
+CREATE TABLE IF NOT EXISTS pruning (
+    device_key INTEGER PRIMARY KEY,
+    kept_from  INTEGER NOT NULL
+);
 
 -- Every change of status, written in the transaction that makes the change, and marked
 -- delivered once the alert URL took it (an outbox: a crash before delivery loses none).
@@ -84,9 +94,10 @@ CREATE TABLE IF NOT EXISTS alerts (
     status        TEXT    NOT NULL CHECK (status IN ('down', 'up')),
     at_ms         INTEGER NOT NULL,    -- when fleetmon noticed
     last_heard_ms INTEGER NOT NULL,    -- when the device was last heard before it
-    delivered     INTEGER NOT NULL DEFAULT 0
+    delivered     INTEGER NOT NULL DEFAULT 0  -- 0 waiting, 1 delivered, 2 refused by the receiver
 );
 CREATE INDEX IF NOT EXISTS alerts_to_deliver ON alerts (id) WHERE NOT delivered;
+CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (at_ms);
 
 -- How telemetry is stored: fleetmon.py inserts one row into one of these views, and the
 -- view's trigger does the rest inside that one statement, so that it commits all or

@@ -228,6 +228,8 @@ class Fleetmon:
     def check_it_is_fleetmon(self) -> None:
         status, body = self.ask("GET", "/")
         about = parse_json(body)
+        if status == 401 and isinstance(about, dict) and "(user fleetmon)" in str(about.get("msg")):
+            return  # a fleetmon whose operator's views need a password, which devices do not
         if status != 200 or not isinstance(about, dict) or about.get("name") != "fleetmon":
             raise SimulatorError(f"{self.url} answers, but not as fleetmon (HTTP {status})")
 
@@ -390,9 +392,11 @@ def send_day(url: str, device_ids: list[str], seed: int, pace: float, held: list
 
 UPLOAD_EVERY_HEARTBEATS = 6
 # A first dropout soon after the start and longer than a short --down-after of fleetmon,
-# so that a demo shows a device go down and come back within a couple of minutes.
+# so that a demo shows a device go down and come back within a few minutes; and long
+# enough to hold at least one whole minute with no heartbeat, so that its uptime and its
+# strip show the outage that its page lists.
 FIRST_DROPOUT_SECONDS = 20
-DROPOUT_SECONDS = (60, 90)
+DROPOUT_SECONDS = (150, 180)
 BETWEEN_DROPOUTS_SECONDS = (120, 300)
 
 
@@ -464,9 +468,13 @@ class LiveRun:
 
 
 def send_live(url: str, device_ids: list[str], every: float, seed: int) -> int:
-    """Send telemetry stamped with the time until Ctrl+C: the exit status."""
+    """Send telemetry stamped with the time until Ctrl+C: the exit status. A fleetmon
+    that stops answering (restarted during a demo, say) is told once, and once more when
+    it answers again; the fleet goes on meanwhile, and what it sent then is lost, as a
+    real device's would be."""
     run = LiveRun(device_ids, every, seed, start=datetime.now(UTC))
     sent = failed = 0
+    gone = False
     print(f"simulator: live to {url}, a heartbeat every {every:g} s from each of {devices(len(device_ids))}; "
           "Ctrl+C stops", flush=True)
     with closing(Fleetmon(url)) as fleetmon:
@@ -476,15 +484,24 @@ def send_live(url: str, device_ids: list[str], every: float, seed: int) -> int:
                 for line in lines:
                     print(line, flush=True)
                 for event in telemetry:
-                    failed += fleetmon.post(event) != 204
+                    try:
+                        status = fleetmon.post(event)
+                    except SimulatorError as error:
+                        fleetmon.close()
+                        if not gone:
+                            print(f"simulator: fleetmon stopped answering ({error}); the fleet goes on "
+                                  "and tries it at every send", flush=True)
+                            gone = True
+                        break  # the rest of this step is lost with it
+                    if gone:
+                        print(f"simulator: fleetmon at {url} answers again", flush=True)
+                        gone = False
+                    failed += status != 204
                     sent += 1
                 sleep(max(0.0, (run.next_step() - datetime.now(UTC)).total_seconds()))
         except KeyboardInterrupt:
             print(f"simulator: stopped; {sent:,} requests sent, {failed:,} failed", flush=True)
             return 0
-        except Unreachable as error:
-            stopped = f"fleetmon at {url} stopped answering ({error.reason}) after {sent:,} requests"
-            raise SimulatorError(stopped) from None
 
 
 # --- Entry point --------------------------------------------------------------------
@@ -523,6 +540,10 @@ def seconds(text: str, least: float = 0.0) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Whatever the console or file takes, a device id prints: escaped if it must be.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = OneLineParser(
         prog="simulator.py", description=__doc__.splitlines()[0],
         epilog="Exit status: 0 when everything was sent and every published result matches (or --live "

@@ -42,7 +42,7 @@ from fleetmon import (
     INT64_MAX,
     StartupError,
     create_app,
-    format_duration,
+    go_duration,
     load_device_ids,
     mean_ns,
     minute_to_rfc3339,
@@ -274,7 +274,7 @@ GO_DURATIONS = [
 
 @pytest.mark.parametrize(("ns", "text"), GO_DURATIONS)
 def test_format_duration_matches_go(ns, text):
-    assert format_duration(ns) == text
+    assert go_duration(ns) == text
 
 
 @pytest.mark.parametrize(
@@ -581,7 +581,7 @@ def test_an_upload_that_would_overflow_the_total_is_409_and_stores_nothing(app, 
                    "this upload_time would overflow the device's total upload time (9223372036854775807 ns); "
                    "nothing was stored")
     send(client, upload(1))
-    assert client.get(stats_url()).get_json()["avg_upload_time"] == format_duration(INT64_MAX // 2)
+    assert client.get(stats_url()).get_json()["avg_upload_time"] == go_duration(INT64_MAX // 2)
 
 
 @pytest.mark.parametrize("path", BOTH)

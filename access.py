@@ -1,0 +1,166 @@
+"""Who may do what. Devices, anyone who reaches the port: the contract's three endpoints,
+with no credentials, as the vendor's simulator sends them. Operators: everything else
+(the pages, the fleet API, /metrics, the debug views, the docs): open on a loopback
+address, and beyond it behind HTTP Basic authentication (user `fleetmon`) with the
+operator's password.
+
+And what a browser acting for another site must not do, even on loopback: write (a POST
+carrying a foreign Origin is refused), or read through a name that points at this
+machine for a moment (DNS rebinding: only the names fleetmon is reached by are answered).
+Its pages carry a Content-Security-Policy that lets only fleetmon's own script and styles
+run, with a nonce for those written in the page.
+"""
+
+import hmac
+import ipaddress
+import os
+import secrets
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from flask import Flask, abort, current_app, g, request
+from werkzeug.exceptions import TooManyRequests, Unauthorized
+
+from fleetmon import StartupError
+
+OPERATOR = "fleetmon"
+PASSWORD_VARIABLE = "FLEETMON_PASSWORD"
+# Failed passwords from one address before it is answered 429, and for how long.
+FAILURES_ALLOWED = 5
+LOCKED_OUT_SECONDS = 60
+ADDRESSES_REMEMBERED = 10_000
+CONTRACT = {"api.post_heartbeat", "api.post_stats", "api.get_stats"}
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def operator_settings(host: str, password_file: Path | None, open_to_all: bool, allowed_hosts: list[str]) -> dict:
+    """create_app's settings for who may reach the operator's views, from the command
+    line and the environment; StartupError where they do not add up."""
+    password = os.environ.get(PASSWORD_VARIABLE) or None
+    if password_file is not None:
+        try:
+            password = password_file.read_text(encoding="utf-8").strip("\r\n")
+        except (OSError, UnicodeDecodeError) as error:
+            raise StartupError(f"cannot read password file {password_file}: {getattr(error, 'strerror', error)}") from None
+        if not password:
+            raise StartupError(f"password file {password_file} is empty")
+    if password is None and not open_to_all and not is_loopback(host):
+        raise StartupError(f"listening on {host}, beyond loopback, the operator's views need a password: give "
+                           f"--password-file PATH or set {PASSWORD_VARIABLE}, or pass --open-to-all to leave them "
+                           "open to anyone who reaches the port")
+    return {"OPERATOR_PASSWORD": password, "ALLOWED_HOSTS": [host, *allowed_hosts]}
+
+
+def host_is_ours(host_header: str) -> bool:
+    """An address (no name can be rebound to one), a loopback name, this machine's name,
+    or a name the operator listed."""
+    name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
+    name = name.strip("[]").lower()
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    known = {"localhost", socket.gethostname().lower(), *(h.lower() for h in current_app.config["ALLOWED_HOSTS"])}
+    return name in known
+
+
+class Lockout:
+    """Failed passwords by address; an address past FAILURES_ALLOWED waits it out."""
+
+    def __init__(self):
+        self._failures: dict[str, tuple[int, float]] = {}  # address: (count, first failure)
+        self._lock = threading.Lock()
+
+    def locked_out(self, address: str, now: float) -> float:
+        """Seconds the address must wait yet, or 0."""
+        with self._lock:
+            count, since = self._failures.get(address, (0, now))
+            if now - since >= LOCKED_OUT_SECONDS:
+                self._failures.pop(address, None)
+                return 0
+            return LOCKED_OUT_SECONDS - (now - since) if count >= FAILURES_ALLOWED else 0
+
+    def failed(self, address: str, now: float) -> None:
+        with self._lock:
+            if len(self._failures) >= ADDRESSES_REMEMBERED:
+                self._failures = {a: f for a, f in self._failures.items() if now - f[1] < LOCKED_OUT_SECONDS}
+            count, since = self._failures.get(address, (0, now))
+            self._failures[address] = (count + 1, since)
+
+
+def check_request():
+    """Before every request: the Host, the Origin of a write, and the operator's password."""
+    if not host_is_ours(request.host):
+        abort(400, f"this fleetmon is not reached by the name {request.host!r} (--allowed-host adds one)")
+    origin = request.headers.get("Origin")
+    if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None and origin != request.host_url[:-1]:
+        abort(403, "a browser acting for another site may not write here; nothing was stored")
+    password = current_app.config["OPERATOR_PASSWORD"]
+    if password is None or request.endpoint in CONTRACT or request.endpoint is None:
+        return
+    lockout, now = current_app.extensions["fleetmon.lockout"], time.monotonic()
+    wait = lockout.locked_out(request.remote_addr or "", now)
+    if wait:
+        raise TooManyRequests(f"too many failed passwords from this address: try again in {wait:.0f} s",
+                              retry_after=int(wait) + 1)
+    given = request.authorization
+    if given is not None and given.type == "basic" and hmac.compare_digest(
+            f"{given.username}:{given.password}".encode(), f"{OPERATOR}:{password}".encode()):
+        return
+    if given is not None:
+        lockout.failed(request.remote_addr or "", now)
+    raise Unauthorized("the operator's password is needed (user fleetmon)",
+                       www_authenticate='Basic realm="fleetmon", charset="UTF-8"')
+
+
+def csp_nonce() -> str:
+    """The nonce of this answer's Content-Security-Policy, for a page's own script and style."""
+    if "csp_nonce" not in g:
+        g.csp_nonce = secrets.token_urlsafe(16)
+    return g.csp_nonce
+
+
+def secure_headers(response):
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    if response.mimetype == "text/html":
+        nonce = csp_nonce()
+        response.headers["Content-Security-Policy"] = (
+            f"default-src 'none'; script-src 'self' 'nonce-{nonce}'; style-src 'self' 'nonce-{nonce}'; "
+            "img-src 'self' data:; connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+        response.headers["X-Frame-Options"] = "DENY"
+    return response
+
+
+@contextmanager
+def telling(app: Flask, announce=print):
+    """The start line that says who may reach the operator's views."""
+    if app.config["OPERATOR_PASSWORD"] is not None:
+        announce(f"fleetmon: the operator's views need the password (user {OPERATOR}); devices need none")
+    elif all(is_loopback(host) for host in app.config["ALLOWED_HOSTS"][:1]):
+        announce("fleetmon: the operator's views are open to this machine alone (loopback)")
+    else:
+        announce("fleetmon: the operator's views are OPEN to anyone who reaches the port (--open-to-all)")
+    yield
+
+
+def init_app(app: Flask) -> None:
+    app.config.setdefault("OPERATOR_PASSWORD", None)
+    app.config.setdefault("ALLOWED_HOSTS", ["127.0.0.1"])
+    app.extensions["fleetmon.lockout"] = Lockout()
+    app.before_request(check_request)
+    app.after_request(secure_headers)
+    app.jinja_env.globals["csp_nonce"] = csp_nonce
+    app.extensions["fleetmon.background"].append(telling)

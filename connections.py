@@ -1,0 +1,196 @@
+"""fleetmon's connections on waitress: what it changes of waitress's own handling.
+
+Written against waitress 3.0, whose internals (its channel, server and task classes)
+these subclass. Where a reverse proxy (nginx, Caddy) stands in front of fleetmon, it does
+all of this itself, and fleetmon sees only the proxy's few connections.
+
+- A 204 keeps the connection open (KeepAliveTask); the test
+  test_stock_waitress_still_closes_the_connection_after_a_204 in tests/test_server.py
+  fails on the waitress release that does this itself, and then the class goes.
+- HTTP that waitress cannot parse is answered in JSON (JsonErrorTask).
+- A request must arrive in full within REQUEST_SECONDS of its first byte, or is answered
+  408 (FleetmonChannel, FleetmonServer.maintenance).
+- At the connection limit, the connection idle the longest makes room for a new client,
+  as nginx does (FleetmonServer.handle_accept).
+"""
+
+import json
+import logging
+import socket
+import time
+import warnings
+from operator import attrgetter
+
+from flask import Flask
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask, WSGITask
+
+
+class KeepAliveTask(WSGITask):
+    """waitress's task, but keeping the connection open after a 204.
+
+    waitress closes the connection after any HTTP/1.1 response without a length, and a
+    204 may not carry one, so each heartbeat would cost a new connection. A 204 ends at
+    its blank line (RFC 9112, section 6.3), so nothing needs closing.
+    Upstream: https://github.com/Pylons/waitress/pull/502; when a release has it, this
+    class goes (the module's docstring names the test that tells when).
+    """
+
+    def set_close_on_finish(self) -> None:
+        ends_at_blank_line = not self.has_body and self.version == "1.1" and not self.wrote_header
+        client_asks_to_close = self.request.headers.get("CONNECTION", "").lower() == "close"
+        if ends_at_blank_line and not client_asks_to_close:
+            return
+        super().set_close_on_finish()
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's own answer to HTTP it cannot parse, as JSON like fleetmon's other errors."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        body = json.dumps({"msg": f"{error.reason}: {error.body}"}).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+# A device sends its whole request, head and body, at once. A client that trickles one
+# holds a connection slot all the while (each byte resets channel_timeout), so a request
+# must arrive in full within this time of its first byte.
+REQUEST_SECONDS = 10
+
+
+def _request_timeout_response() -> bytes:
+    body = json.dumps({"msg": f"Request Timeout: the request did not arrive within {REQUEST_SECONDS} s"}).encode()
+    head = ("HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+REQUEST_TIMEOUT_RESPONSE = _request_timeout_response()
+
+
+class FleetmonChannel(HTTPChannel):
+    """waitress's channel, knowing when the request it is reading began to arrive."""
+
+    task_class = KeepAliveTask
+    error_task_class = JsonErrorTask
+    request_began: float | None = None  # None while no request is being read
+    timed_request = None  # the request whose beginning that is
+
+    def reading_request(self) -> bool:
+        request = self.request
+        # Blank lines before a request are allowed (RFC 9112, section 2.2) and begin none.
+        return request is not None and bool(request.headers_finished or request.header_plus.strip())
+
+    def received(self, data: bytes) -> bool:
+        # Runs in the socket thread only, as the server's checks do.
+        result = super().received(data)
+        if not self.reading_request():
+            self.request_began = self.timed_request = None
+        elif self.request is not self.timed_request:  # a request began in this data
+            self.request_began = self.last_activity  # when handle_read() got the data
+            self.timed_request = self.request
+        return result
+
+    def between_requests(self) -> bool:
+        """Nothing being read, queued, run or written: closing it loses no request."""
+        return not self.reading_request() and not self.requests and not self.total_outbufs_len
+
+    def request_waiting(self) -> bool:
+        """Whether bytes have come that the channel has yet to read: a request, perhaps."""
+        try:
+            return self.socket.recv(1, socket.MSG_PEEK) != b""  # b"": the client has gone
+        except OSError:  # BlockingIOError when nothing has come
+            return False
+
+    def time_out_request(self) -> None:
+        """Answer 408 to the request being read, and close once that is sent."""
+        with self.outbuf_lock:  # as waitress's send_continue() writes
+            self.outbufs[-1].append(REQUEST_TIMEOUT_RESPONSE)
+            self.current_outbuf_count += len(REQUEST_TIMEOUT_RESPONSE)
+            self.total_outbufs_len += len(REQUEST_TIMEOUT_RESPONSE)
+        self.close_when_flushed = True  # and reads no more
+        self.request_began = None
+
+
+class FleetmonServer(TcpWSGIServer):
+    """waitress's server, with REQUEST_SECONDS, and at the connection limit making room
+    for a new client by closing the connection idle the longest, as nginx does."""
+
+    channel_class = FleetmonChannel
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # channel_timeout
+        for channel in self.active_channels.values():
+            if channel.request_began is None:
+                continue
+            if channel.requests or channel.total_outbufs_len:
+                # A pipelined request waits on the server, which reads no more of it
+                # until it has answered the ones before: its time starts again.
+                channel.request_began = now
+            elif now - channel.request_began > REQUEST_SECONDS:
+                channel.time_out_request()
+
+    def has_room(self) -> bool:
+        return len(self._map) < self.adj.connection_limit  # as waitress counts
+
+    def channel_to_shed(self) -> FleetmonChannel | None:
+        """The channel idle the longest, of those with nothing come for them to read:
+        a client's request may be waiting for the socket thread to read it, even that
+        of a client just accepted, before its first read."""
+        idle = [channel for channel in self.active_channels.values() if channel.between_requests()]
+        idle.sort(key=attrgetter("last_activity"))
+        return next((channel for channel in idle if not channel.request_waiting()), None)
+
+    def readable(self) -> bool:
+        # waitress's, but at the limit it still accepts while a connection can be shed.
+        now = time.time()
+        if now >= self.next_channel_cleanup:
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)
+        if not self.accepting:
+            return False
+        full = not self.has_room() and not any(c.between_requests() for c in self.active_channels.values())
+        if full != self.in_connection_overflow:
+            self.in_connection_overflow = full
+            if full:
+                self.logger.warning("every connection is busy at the connection limit: new ones wait")
+        return not full
+
+    def handle_accept(self) -> None:
+        if self.has_room():
+            super().handle_accept()
+            return
+        idlest = self.channel_to_shed()
+        if idlest is None:
+            return  # the client waits in the listen queue, as with waitress
+        # Accept first: closed first, the idle channel's descriptor could go to the new
+        # socket, and an event select() reported for the old socket be handled as the
+        # new one's.
+        connections = len(self._map)
+        super().handle_accept()
+        if len(self._map) > connections:  # accepted
+            idlest.handle_close()
+
+
+def create_server(app: Flask, listener: socket.socket, **settings) -> FleetmonServer:
+    """A waitress server for app on a listening socket, with these settings and
+    fleetmon's channel. Closes listener if it cannot be made."""
+    # With one worker thread requests queue by design; waitress would warn of every queue.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "send_bytes", DeprecationWarning)  # see fleetmon.WAITRESS_SETTINGS
+            adj = Adjustments(sockets=[listener], **settings)
+        # What waitress.create_server() does with a socket it is given, but with our class.
+        sockinfo = (listener.family, listener.type, listener.proto, listener.getsockname())
+        return FleetmonServer(app, _sock=listener, bind_socket=False, adj=adj, sockinfo=sockinfo)
+    except BaseException:
+        listener.close()
+        raise
