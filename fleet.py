@@ -124,6 +124,13 @@ def negotiated(html, json_body):
     return response
 
 
+@fleet.get("/favicon.ico")
+def favicon():
+    """What a browser asks for on a page with no icon of its own (the docs, /metrics, a
+    JSON answer): none, answered, rather than a 404 in the activity line."""
+    return current_app.response_class(status=204)
+
+
 @fleet.get("/")
 def index():
     """The fleet page for a browser; for an API client, what this server is."""

@@ -63,6 +63,10 @@ def checks(driver, base):
     wait_for(driver, lambda driver: all(part in row_text(driver, DEVICE) for part in ("up", "100.000 %", "1.5 s")),
              f"{DEVICE} up at 100.000 % and 1.5 s: {row_text(driver, DEVICE)!r}")
     yield f"{DEVICE}'s heartbeats and upload show up without a reload"
+    meter = driver.execute_script(
+        "return document.querySelector('.meter [data-percent]').getBoundingClientRect().width")
+    assert meter > 0, "the uptime meter was not drawn"
+    yield "the script draws the uptime meter under the page's Content-Security-Policy"
     for minute in ("10:00", "10:30"):
         post(f"{base}/api/v1/devices/{DEVICES[1]}/heartbeat", {"sent_at": f"2024-01-01T{minute}:00Z"})
     for minute in range(41):  # 23:50 to 00:30, across midnight
@@ -96,6 +100,14 @@ def checks(driver, base):
         overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{page} scrolls sideways by {overflow} px at 390 px wide"
     yield "at 390 px wide nothing scrolls sideways, not even a flaky device's strip"
+    driver.set_window_size(1280, 900)
+    driver.get(base + "/docs/")
+    wait_for(driver, lambda driver: driver.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title"),
+             "Swagger UI drawn on /docs/")
+    yield "the docs page runs Swagger UI under its Content-Security-Policy"
+    violations = [entry["message"] for entry in driver.get_log("browser") if "Content Security Policy" in entry["message"]]
+    assert not violations, f"the console shows CSP violations: {violations}"
+    yield "the console shows no Content-Security-Policy violation on any page"
 
 
 def main():
@@ -103,6 +115,7 @@ def main():
     options.binary_location = "/usr/bin/chromium"
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # for the CSP check
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     passed = failed = 0
     try:
