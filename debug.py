@@ -2,8 +2,15 @@
 
 from flask import Blueprint, Flask
 
-from fleetmon import aggregates_of, device_stats, get_db, has_sent, minute_to_rfc3339, read_device
 from fleet import history_kept_from, listed_page
+from fleetmon import (
+    aggregates_of,
+    device_stats,
+    get_db,
+    has_sent,
+    minute_to_rfc3339,
+    read_device,
+)
 
 debug = Blueprint("debug", __name__)
 

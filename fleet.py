@@ -9,7 +9,15 @@ import json
 import math
 import sqlite3
 
-from flask import Blueprint, Flask, abort, current_app, render_template, request, url_for
+from flask import (
+    Blueprint,
+    Flask,
+    abort,
+    current_app,
+    render_template,
+    request,
+    url_for,
+)
 
 from fleetmon import (
     aggregates_of,

@@ -360,7 +360,7 @@ class DatabaseLock:
 
     def acquire(self) -> None:
         while True:
-            file = open(self.path, "a+b")
+            file = open(self.path, "a+b")  # noqa: SIM115 (held open while the lock is held)
             try:
                 _lock_whole_file(file)
                 if os.path.samestat(os.fstat(file.fileno()), os.stat(self.path)):

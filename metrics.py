@@ -10,8 +10,8 @@ from flask import Blueprint, Flask, current_app, request
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import alerts
-from fleetmon import aggregates_of, device_stats, get_db
 from fleet import count_by_status
+from fleetmon import aggregates_of, device_stats, get_db
 from status import STATUSES, status_of
 
 # Per-device series only for a fleet this small: a scrape of a larger one would be
