@@ -11,6 +11,7 @@ Its pages carry a Content-Security-Policy that lets only fleetmon's own script a
 run, with a nonce for those written in the page.
 """
 
+import argparse
 import hmac
 import ipaddress
 import os
@@ -44,9 +45,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def operator_settings(host: str, password_file: Path | None, open_to_all: bool, allowed_hosts: list[str]) -> dict:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--password-file", type=Path, metavar="PATH", help="the operator's password, for the "
+                        "pages, the fleet API, /metrics and the docs when listening beyond loopback "
+                        f"(or set {PASSWORD_VARIABLE})")
+    parser.add_argument("--open-to-all", action="store_true", help="beyond loopback with no password: leave the "
+                        "operator's views open to anyone who reaches the port, knowingly")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a further host name fleetmon is reached by (a proxy's, say); repeatable")
+
+
+def operator_settings(args: argparse.Namespace) -> dict:
     """create_app's settings for who may reach the operator's views, from the command
     line and the environment; StartupError where they do not add up."""
+    host, password_file, open_to_all, allowed_hosts = args.host, args.password_file, args.open_to_all, args.allowed_host
     password = os.environ.get(PASSWORD_VARIABLE) or None
     if password_file is not None:
         try:

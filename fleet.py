@@ -8,6 +8,7 @@ its cost must not grow with the fleet.
 import json
 import math
 import sqlite3
+from itertools import islice
 
 from flask import (
     Blueprint,
@@ -166,24 +167,20 @@ def about_this_server() -> dict:
     }
 
 
-# A device among a filter's matches, given as a JSON list of device keys.
-MATCHED = "device_key IN (SELECT value FROM json_each(:keys))"
-
-
-def count_by_status(db: sqlite3.Connection, keys: str | None = None) -> dict:
-    """How many of the listed devices, or of the MATCHED keys, are up, down and never
-    heard. Of the listed ones, only the few down or never heard are read, along their own
-    indexes; of the matched ones, each matched row."""
-    if keys is None:
+def count_by_status(db: sqlite3.Connection, matches: set[int] | None = None) -> dict:
+    """How many of the listed devices, or of those of them whose keys are in matches, are
+    up, down and never heard. Only the few down or never heard are read, along their own
+    indexes; the up ones are the rest."""
+    if matches is None:
         devices = len(current_app.config["DEVICE_KEYS"])
         down, never = db.execute(
             f"SELECT (SELECT count(*) FROM devices WHERE {STATUSES['down']} AND listed),"
             f" (SELECT count(*) FROM devices WHERE {STATUSES['never']} AND listed)"
         ).fetchone()
     else:
-        devices, down, never = db.execute(
-            f"SELECT count(*), count(down_since_ms), count(*) - count(last_heard_ms) FROM devices WHERE {MATCHED}",
-            {"keys": keys}).fetchone()
+        devices = len(matches)
+        down, never = (sum(key in matches for (key,) in db.execute(
+            f"SELECT device_key FROM devices WHERE {STATUSES[status]} AND listed")) for status in ("down", "never"))
     return {"devices": devices, "up": devices - down - never, "down": down, "never": never}
 
 
@@ -199,29 +196,37 @@ def read_fleet_page(db: sqlite3.Connection, text: str, page: int) -> tuple[dict,
     of that page of the listed devices whose id contains text in any case, in the fleet
     page's order.
 
-    Without a filter, a walk along the index. With one, a pass over the ids, folded in
-    memory (quicker than SQLite's LIKE over the index of ids), finds the matches; few are
-    then sorted, many are found along the index, where they are dense enough to fill a
-    page quickly.
+    Without a filter, or with one that every device matches, a walk along the index.
+    With one, a pass over the ids, folded in memory, finds the matches; up to
+    FILTER_SORTS_UP_TO of them are sorted; more are picked out along the index, where
+    they are dense enough to fill a page quickly. Whatever the filter, a page reads no
+    more than the whole index once.
     """
-    arguments = {"rows": FLEET_PAGE_ROWS}
+    matches = None
     if text:
         needle = text.casefold()
-        matches = [key for folded_id, key in current_app.config["FOLDED_IDS"] if needle in folded_id]
-        arguments["keys"] = json.dumps(matches)
-        counts = count_by_status(db, arguments["keys"])
-    else:
-        counts = count_by_status(db)
+        matches = {key for folded_id, key in current_app.config["FOLDED_IDS"] if needle in folded_id}
+        if len(matches) == len(current_app.config["DEVICE_KEYS"]):
+            matches = None  # the whole fleet: as if there were no filter
+    counts = count_by_status(db, matches)
     pages = max(1, math.ceil(counts["devices"] / FLEET_PAGE_ROWS))
     page = min(page, pages)
-    arguments["offset"] = (page - 1) * FLEET_PAGE_ROWS
-    if text and len(matches) <= FILTER_SORTS_UP_TO:
-        rows = db.execute(f"SELECT * FROM devices WHERE {MATCHED} ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset",
-                          arguments).fetchall()
+    offset = (page - 1) * FLEET_PAGE_ROWS
+    if matches is None:
+        rows = db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern WHERE listed"
+                          f" ORDER BY {BY_CONCERN} LIMIT ? OFFSET ?", (FLEET_PAGE_ROWS, offset)).fetchall()
+    elif len(matches) <= FILTER_SORTS_UP_TO:
+        rows = db.execute(f"SELECT * FROM devices WHERE device_key IN (SELECT value FROM json_each(?))"
+                          f" ORDER BY {BY_CONCERN} LIMIT ? OFFSET ?",
+                          (json.dumps(list(matches)), FLEET_PAGE_ROWS, offset)).fetchall()
     else:
-        rows = db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern"
-                          f" WHERE listed AND {MATCHED if text else 'true'}"
-                          f" ORDER BY {BY_CONCERN} LIMIT :rows OFFSET :offset", arguments).fetchall()
+        keys = db.execute(f"SELECT device_key FROM devices INDEXED BY devices_by_concern WHERE listed"
+                          f" ORDER BY {BY_CONCERN}")
+        page_keys = list(islice((key for (key,) in keys if key in matches), offset, offset + FLEET_PAGE_ROWS))
+        keys.close()
+        by_key = {row["device_key"]: row for row in db.execute(
+            "SELECT * FROM devices WHERE device_key IN (SELECT value FROM json_each(?))", (json.dumps(page_keys),))}
+        rows = [by_key[key] for key in page_keys]
     return counts, page, pages, rows
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -264,6 +265,8 @@ BUSY_TIMEOUT_SECONDS = 10
 # The write-ahead log is cut back to this size whenever a checkpoint empties it, so that
 # a burst (or a full disk that held checkpoints back) does not leave it large for good.
 WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
+# A long upgrade says it is still at work this often.
+UPGRADE_PROGRESS_SECONDS = 10
 # Connections kept open between requests; more than waitress's worker threads, so that
 # `flask run`, with a thread a request, reuses them too.
 IDLE_CONNECTIONS_KEPT = 8
@@ -305,11 +308,11 @@ def schema_version(db: sqlite3.Connection) -> int:
     return db.execute("PRAGMA user_version").fetchone()[0]
 
 
-def upgrade(db: sqlite3.Connection, database: Path, schema: str) -> str | None:
+def upgrade(db: sqlite3.Connection, database: Path, schema: str, announce=print) -> str | None:
     """Bring a database written by an earlier fleetmon to SCHEMA_VERSION: each step the
     SQL of migrations/N.sql, then schema (schema.sql) for what the steps leave to it, all
-    in one transaction, so that no one sees a step without the rest. Returns a line to
-    tell, if it did."""
+    in one transaction, so that no one sees a step without the rest; then give back the
+    space it freed. Returns a line to tell, if it did."""
     version = schema_version(db)
     if version > SCHEMA_VERSION:
         raise StartupError(f"database {database} was written by a newer fleetmon (schema version {version}, "
@@ -318,7 +321,27 @@ def upgrade(db: sqlite3.Connection, database: Path, schema: str) -> str | None:
     is_new = version == 0 and not db.execute("SELECT 1 FROM sqlite_schema WHERE name = 'heartbeat_minutes'").fetchone()
     if version == SCHEMA_VERSION or is_new:
         return None
+    size = database.stat().st_size
+    # From the first layout every row is rewritten, and the write-ahead log holds each page
+    # written until the end: it grew to 1.14 times the file's size (benchmark.py, upgrade).
+    needed = size * 5 // 4 if version == 0 else size // 10
+    free = shutil.disk_usage(database.parent).free
+    if free < needed:
+        raise StartupError(f"upgrading database {database} from schema version {version} needs about "
+                           f"{needed / 2**20:,.0f} MiB free on its disk, and {free / 2**20:,.0f} MiB are; "
+                           "it is left as it was")
     started, changes_before = time.monotonic(), db.total_changes
+    announce(f"fleetmon: upgrading database {database} ({size / 2**20:,.1f} MiB) from schema version {version}; "
+             "stopped at any point, it is left as it was")
+    next_word = [started + UPGRADE_PROGRESS_SECONDS]
+
+    def tell_progress() -> int:
+        if time.monotonic() >= next_word[0]:
+            next_word[0] += UPGRADE_PROGRESS_SECONDS
+            announce(f"fleetmon: still upgrading, {time.monotonic() - started:.0f} s so far")
+        return 0  # go on
+
+    db.set_progress_handler(tell_progress, 1_000_000)
     try:
         with transaction(db):
             for step in range(version + 1, SCHEMA_VERSION + 1):
@@ -328,11 +351,26 @@ def upgrade(db: sqlite3.Connection, database: Path, schema: str) -> str | None:
             for statement in split_statements(schema):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        written = db.total_changes - changes_before
+        give_space_back(db)
     except sqlite3.Error as error:
         raise StartupError(f"cannot upgrade database {database} from schema version {version}: {error}; "
                            "it is left as it was") from None
+    finally:
+        db.set_progress_handler(None, 0)
     return (f"upgraded database {database} from schema version {version} to {SCHEMA_VERSION}: "
-            f"{db.total_changes - changes_before:,} rows written in {time.monotonic() - started:.1f} s")
+            f"{written:,} rows written in {time.monotonic() - started:.1f} s, "
+            f"{size / 2**20:,.1f} MiB before, {database.stat().st_size / 2**20:,.1f} MiB after")
+
+
+def give_space_back(db: sqlite3.Connection) -> None:
+    """Empty the write-ahead log into the database and, where an upgrade left most of the
+    file's pages free, rewrite it without them (VACUUM)."""
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    free, pages = db.execute("SELECT * FROM pragma_freelist_count, pragma_page_count").fetchone()
+    if free * 2 > pages:
+        db.execute("VACUUM")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def split_statements(script: str) -> list[str]:
@@ -824,17 +862,13 @@ def seconds_argument(text: str) -> float:
     return seconds
 
 
-def whole_days(text: str) -> int:
-    """--keep-days: a whole number of days, 1 or more."""
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days, 1 or more")
-    return int(text)
-
-
-def port_number(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 to 65535")
-    return int(text)
+def whole_number(low: int, high: int, what: str):
+    """An argparse type: a whole number from low to high, or "'text' is not {what}"."""
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return int(text)
+    return parse
 
 
 def web_url(text: str) -> str:
@@ -865,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace", line_buffering=True)
     parser = OneLineParser(prog="fleetmon.py", description="Serve fleetmon with waitress.")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=whole_number(0, 65535, "a port from 0 to 65535"), default=DEFAULT_PORT,
                         help="port, 0 for any free one (default %(default)s)")
     parser.add_argument("--devices", type=Path, default=DEFAULT_DEVICES_CSV,
                         help="devices CSV (default: beside fleetmon.py)")
@@ -874,21 +908,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="a device not heard for this long is down: seconds, or with s, m or h (default 5m)")
     parser.add_argument("--alert-url", type=web_url, metavar="URL", help="POST each change of status here as JSON "
                         "(a Slack or Mattermost incoming webhook shows its text)")
-    parser.add_argument("--keep-days", type=whole_days, metavar="N", help="prune raw telemetry more than N days "
+    parser.add_argument("--keep-days", type=whole_number(1, 100_000, "a whole number of days, 1 or more"), metavar="N", help="prune raw telemetry more than N days "
                         "older than each device's newest (default: keep everything); stats are kept whole")
-    parser.add_argument("--password-file", type=Path, metavar="PATH", help="the operator's password, for the "
-                        "pages, the fleet API, /metrics and the docs when listening beyond loopback "
-                        "(or set FLEETMON_PASSWORD)")
-    parser.add_argument("--open-to-all", action="store_true", help="beyond loopback with no password: leave the "
-                        "operator's views open to anyone who reaches the port, knowingly")
-    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                        help="a further host name fleetmon is reached by (a proxy's, say); repeatable")
+    import access  # the operator's options, and what they allow
+
+    access.add_arguments(parser)
     args = parser.parse_args(argv)
-
     try:
-        import access
-
-        operators = access.operator_settings(args.host, args.password_file, args.open_to_all, args.allowed_host)
+        operators = access.operator_settings(args)
         with ExitStack() as started:
             listener = started.enter_context(listen(args.host, args.port))
             app = create_app(database=args.db, devices_csv=args.devices, keep_days=args.keep_days,
@@ -902,4 +929,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The modules beside this one import it as fleetmon: main runs there, not in this
+    # second copy of it, so that they and it share one StartupError and one app.
+    import fleetmon
+
+    sys.exit(fleetmon.main())
