@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flask import Flask, abort, current_app, g, request
+from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import TooManyRequests, Unauthorized
 
 from fleetmon import StartupError
@@ -134,7 +135,7 @@ def check_request():
     if given is not None:
         lockout.failed(request.remote_addr or "", now)
     raise Unauthorized("the operator's password is needed (user fleetmon)",
-                       www_authenticate='Basic realm="fleetmon", charset="UTF-8"')
+                       www_authenticate=WWWAuthenticate("basic", {"realm": "fleetmon", "charset": "UTF-8"}))
 
 
 def csp_nonce() -> str:

@@ -80,7 +80,8 @@ def payload(alert: sqlite3.Row) -> dict:
         "status": alert["status"],
         "at": ms_to_rfc3339(alert["at_ms"]),
         "silent_since": ms_to_rfc3339(alert["last_heard_ms"]),
-        "outage_seconds": (alert["at_ms"] - alert["last_heard_ms"]) / 1000 if alert["status"] == "up" else None,
+        # Never negative, even across a clock stepped back.
+        "outage_seconds": max(0, alert["at_ms"] - alert["last_heard_ms"]) / 1000 if alert["status"] == "up" else None,
         "text": chat_text(alert),
     }
 

@@ -12,6 +12,7 @@ all of this itself, and fleetmon sees only the proxy's few connections.
   408 (FleetmonChannel, FleetmonServer.maintenance).
 - At the connection limit, the connection idle the longest makes room for a new client,
   as nginx does (FleetmonServer.handle_accept).
+- Idleness is timed by the monotonic clock, which no change of the wall clock moves.
 """
 
 import json
@@ -83,6 +84,17 @@ class FleetmonChannel(HTTPChannel):
     request_began: float | None = None  # None while no request is being read
     timed_request = None  # the request whose beginning that is
 
+    # waitress sets last_activity from the wall clock, which a clock step moves: stepped
+    # back two hours, it left an idle connection open for those two hours. Whatever it
+    # is given, this keeps the monotonic time of the setting, as every check here reads.
+    @property
+    def last_activity(self) -> float:
+        return self._last_activity
+
+    @last_activity.setter
+    def last_activity(self, wall_clock_now: float) -> None:
+        self._last_activity = time.monotonic()
+
     def reading_request(self) -> bool:
         request = self.request
         # Blank lines before a request are allowed (RFC 9112, section 2.2) and begin none.
@@ -149,8 +161,9 @@ class FleetmonServer(TcpWSGIServer):
         return next((channel for channel in idle if not channel.request_waiting()), None)
 
     def readable(self) -> bool:
-        # waitress's, but at the limit it still accepts while a connection can be shed.
-        now = time.time()
+        # waitress's, but by the monotonic clock, as the channels' last_activity; and at
+        # the limit it still accepts while a connection can be shed.
+        now = time.monotonic()
         if now >= self.next_channel_cleanup:
             self.next_channel_cleanup = now + self.adj.cleanup_interval
             self.maintenance(now)

@@ -88,7 +88,8 @@ def history_kept_from(device: sqlite3.Row) -> str | None:
 def outage_view(started: int, ended: int | None) -> dict:
     """An outage as the API shows it."""
     return {"started": ms_to_rfc3339(started), "ended": None if ended is None else ms_to_rfc3339(ended),
-            "seconds": None if ended is None else (ended - started) / 1000}
+            # Never negative, though the wall clock may step back between the two.
+            "seconds": None if ended is None else max(0, ended - started) / 1000}
 
 
 def listed_page(endpoint: str, condition: str = "true", **arguments) -> tuple[list[sqlite3.Row], str | None]:

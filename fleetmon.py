@@ -19,6 +19,7 @@ wired in by create_app, as Flask's tutorial registers its blueprints.
 import argparse
 import csv
 import errno
+import io
 import json
 import math
 import os
@@ -236,7 +237,7 @@ def load_device_ids(path: Path) -> frozenset[str]:
         raise StartupError(f"devices file {path} is not UTF-8 text") from None
     first_line = text.split("\n", 1)[0]
     delimiter = ";" if "device_id" in first_line and ";" in first_line and "," not in first_line else ","
-    rows = list(enumerate(csv.reader(text.splitlines(), delimiter=delimiter), start=1))
+    rows = list(enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1))
     header = [name.strip() for name in rows[0][1]] if rows else []
     if "device_id" not in header:
         raise StartupError(f"devices file {path} has no device_id column in its first line")
