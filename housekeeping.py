@@ -3,8 +3,7 @@ line for each change, the checkpoint, retention, and alert delivery.
 
 Two threads of its own: alert delivery in one, since a receiver may be slow, and the rest
 in the other. Each round runs every duty in its own guard, so that one failing (a full
-disk, say) never stops the others, and each kind of failure is logged in full once, then
-a line each time. Each duty takes the time as an argument, so that the tests call a round
+disk, say) never stops the others; a failure is logged as it begins, not every round. Each duty takes the time as an argument, so that the tests call a round
 with the clock they choose; the threads only loop them.
 """
 
@@ -34,7 +33,8 @@ class Housekeeping:
     def __init__(self, app: Flask, announce=print):
         self.database = app.config["DATABASE"]
         self.stop = threading.Event()
-        self.failures_seen: set[str] = set()
+        self.failures_seen: set[str] = set()  # every kind of failure logged in full once
+        self.failing: dict[str, str] = {}  # duty: the kind of its failure, while it fails
         with ExitStack() as opened:  # closed again if the start goes no further
             try:
                 self.db = opened.enter_context(closing(connect(self.database)))
@@ -56,14 +56,21 @@ class Housekeeping:
                         threading.Thread(target=self.loop_delivery, name="fleetmon alerts")]
 
     def guarded(self, duty: str, step, *arguments):
-        """Run one duty; a failure is logged, in full the first time of its kind."""
+        """Run one duty. A failure is logged as it begins, in full the first time of its
+        kind, and not again while the duty goes on failing alike (a full disk fails every
+        round); the duty's recovery is logged too."""
         try:
-            return step(*arguments)
+            result = step(*arguments)
         except Exception as error:
-            kind = f"{duty}: {type(error).__name__}: {error}"
-            log.error("%s failed: %s", duty, error, exc_info=error if kind not in self.failures_seen else None)
-            self.failures_seen.add(kind)
+            kind = f"{type(error).__name__}: {error}"
+            if self.failing.get(duty) != kind:
+                log.error("%s failed: %s", duty, kind, exc_info=error if kind not in self.failures_seen else None)
+                self.failures_seen.add(kind)
+                self.failing[duty] = kind
             return None
+        if self.failing.pop(duty, None) is not None:
+            log.warning("%s works again", duty)
+        return result
 
     def round(self, monotonic_now: float, wall_now_ms: int) -> None:
         """One round of every duty but delivery."""
