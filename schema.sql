@@ -52,7 +52,8 @@ CREATE INDEX IF NOT EXISTS devices_down ON devices (down_since_ms) WHERE down_si
 CREATE INDEX IF NOT EXISTS devices_never_heard ON devices (last_heard_ms) WHERE last_heard_ms IS NULL AND listed;
 
 -- A device's online minutes, an hour a row: bit m of `minutes` is minute m of the hour
--- (bits 0-59). A heartbeat sets one bit; a retry finds it set and changes nothing.
+-- (bits 0-59). A heartbeat sets one bit; a retry finds it set and changes nothing. So a
+-- device's day of heartbeats takes 0.5 KiB (benchmark.py, storage).
 CREATE TABLE IF NOT EXISTS online_hours (
     device_key INTEGER NOT NULL,
     hour       INTEGER NOT NULL,  -- UTC hours since 1970-01-01T00:00Z
@@ -103,7 +104,8 @@ CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (at_ms);
 -- view's trigger does the rest inside that one statement, so that it commits all or
 -- nothing, refusals included (RAISE rolls the statement back). One statement a request
 -- also keeps the worker from giving up Python's GIL to waitress's socket thread between
--- statements, which costs more than the statements.
+-- statements, which costs more than the statements: the same writes as five statements
+-- from Python had 0.60-0.80 times the throughput (benchmark.py, closed loop).
 
 -- A device heard: its newest minute (retention counts back from it) and when fleetmon
 -- heard it.
