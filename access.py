@@ -19,6 +19,7 @@ import secrets
 import socket
 import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,6 +90,13 @@ def host_is_ours(host_header: str) -> bool:
     return name in known
 
 
+def origin_host(origin: str) -> str | None:
+    try:
+        return urllib.parse.urlsplit(origin).netloc or None
+    except ValueError:
+        return None
+
+
 class Lockout:
     """Failed passwords by address; an address past FAILURES_ALLOWED waits it out."""
 
@@ -118,7 +126,8 @@ def check_request():
     if not host_is_ours(request.host):
         abort(400, f"this fleetmon is not reached by the name {request.host!r} (--allowed-host adds one)")
     origin = request.headers.get("Origin")
-    if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None and origin != request.host_url[:-1]:
+    # By host alone: behind a proxy that adds TLS, the browser's https:// origin is fleetmon's own.
+    if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None and origin_host(origin) != request.host:
         abort(403, "a browser acting for another site may not write here; nothing was stored")
     password = current_app.config["OPERATOR_PASSWORD"]
     if password is None or request.endpoint in CONTRACT or request.endpoint is None:

@@ -11,7 +11,7 @@ from flask import Flask
 
 ACTIVITY_SECONDS = 10
 # The answers the line counts, by the endpoint that gives them.
-KINDS = {"api.post_heartbeat": "heartbeats", "api.post_stats": "uploads", "api.get_stats": "stats reads"}
+KINDS = {"api.post_heartbeat": "heartbeat", "api.post_stats": "upload", "api.get_stats": "stats read"}
 
 
 class Activity:
@@ -36,7 +36,7 @@ class Activity:
                 telemetry[KINDS[endpoint]] += count
         if not telemetry and not errors:
             return None
-        parts = [f"{telemetry[kind]:,} {kind}" for kind in KINDS.values()]
+        parts = [f"{telemetry[kind]:,} {kind}{'' if telemetry[kind] == 1 else 's'}" for kind in KINDS.values()]
         rejected = sum(n for status, n in errors.items() if status < 500)
         parts.append(f"{rejected:,} rejected")
         if rejected < errors.total():

@@ -904,7 +904,8 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace", line_buffering=True)
-    parser = OneLineParser(prog="fleetmon.py", description="Serve fleetmon with waitress.")
+    # No abbreviations: --password would pass for --password-file, and the password be shown.
+    parser = OneLineParser(prog="fleetmon.py", description="Serve fleetmon with waitress.", allow_abbrev=False)
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=whole_number(0, 65535, "a port from 0 to 65535"), default=DEFAULT_PORT,
                         help="port, 0 for any free one (default %(default)s)")

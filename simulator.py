@@ -393,10 +393,11 @@ def send_day(url: str, device_ids: list[str], seed: int, pace: float, held: list
 UPLOAD_EVERY_HEARTBEATS = 6
 # A first dropout soon after the start and longer than a short --down-after of fleetmon,
 # so that a demo shows a device go down and come back within a few minutes; and long
-# enough to hold at least one whole minute with no heartbeat, so that its uptime and its
-# strip show the outage that its page lists.
+# enough to hold at least two whole minutes with no heartbeat (one missed minute between
+# two online ones still counts as the whole span online), so that its uptime and its strip
+# show the outage that its page lists.
 FIRST_DROPOUT_SECONDS = 20
-DROPOUT_SECONDS = (150, 180)
+DROPOUT_SECONDS = (180, 210)
 BETWEEN_DROPOUTS_SECONDS = (120, 300)
 
 
