@@ -115,10 +115,13 @@ class Lockout:
 
     def failed(self, address: str, now: float) -> None:
         with self._lock:
-            if len(self._failures) >= ADDRESSES_REMEMBERED:
-                self._failures = {a: f for a, f in self._failures.items() if now - f[1] < LOCKED_OUT_SECONDS}
-            count, since = self._failures.get(address, (0, now))
-            self._failures[address] = (count + 1, since)
+            count, since = self._failures.pop(address, (0, now))
+            if now - since >= LOCKED_OUT_SECONDS:
+                count, since = 0, now
+            self._failures[address] = (count + 1, since)  # now the newest
+            # Bounded, whatever the addresses: past the bound, the one that failed least lately goes.
+            while len(self._failures) > ADDRESSES_REMEMBERED:
+                del self._failures[next(iter(self._failures))]
 
 
 def check_request():

@@ -1,7 +1,7 @@
-"""How fast fleetmon is, what it stores, and how it bears overload, pruning, a silent
-alert receiver and a large fleet.
+"""How fast fleetmon is, what it stores, how it bears overload, pruning, a silent alert
+receiver and a large fleet, and how it upgrades a large database of the first layout.
 
-    python benchmark.py                     the whole benchmark: about 13 minutes on 2 cores
+    python benchmark.py                     the whole benchmark: about 18 minutes on 2 cores
     python benchmark.py --quick             every section briefly, as a smoke run
     python benchmark.py --against DIR       beside an earlier fleetmon: DIR/fleetmon.py
     python benchmark.py --only 6,7          some sections only
@@ -34,7 +34,12 @@ stopped and the folder removed. The sections:
 9. How soon a device that falls silent is declared down, and up again when heard: the
    server's line and the alert it POSTs.
 10. The fleet page and the fleet's API at 100,000 devices, alone and while heartbeats
-   come in and browser tabs reload the page.
+   come in and browser tabs reload the page, plain and filtered, to the whole fleet too.
+11. Upgrade: a database of the first layout, about 1.2 GB built straight with SQL,
+   upgraded by fleetmon in a process of its own: how long, its peak memory, the peak of
+   the write-ahead log and of the disk taken (about 3 GB of the temporary folder's), the
+   file before and after, the free disk fleetmon asks for, and every device's stats the
+   same after as before.
 
 The load comes from another process (this file, run with --generate-load), which drives
 all its connections from one thread through non-blocking sockets, with the requests
@@ -64,6 +69,7 @@ import queue
 import random
 import re
 import selectors
+import shutil
 import socket
 import sqlite3
 import statistics
@@ -80,10 +86,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from importlib.metadata import version
-from itertools import count
+from itertools import count, pairwise
 from pathlib import Path
 from typing import NamedTuple
 
+import fleet
 import fleetmon
 from simulator import PUBLISHED_DAYS, UPLOADS_A_DAY, simulated_day
 
@@ -143,13 +150,44 @@ SILENT_SECONDS = 2.0
 DOWN_AFTER_SECONDS = 3
 SIGNAL_WAIT_SECONDS = 15
 # Section 10: a fleet of cameras, its mix, the heartbeats a second beside the tabs, and
-# the tabs: each reloads its page this long after the last one came.
+# the tabs: each reloads its page this long after the last one came. Twice: two tabs of
+# the plain page and two filtered, then all four filtered by what every camera's id
+# contains, the most a filter can match.
 NEVER_HEARD_SHARE = 0.03
 DOWN_SHARE = 0.02
 PAGE_HEARTBEAT_RATE = 500
-TABS = ("/", "/", "/?q=cam-0", "/?q=cam-042")
+TAB_SETS = (("/", "/", "/?q=cam-0", "/?q=cam-042"), ("/?q=cam-",) * 4)
 TAB_PAUSE_SECONDS = 0.5
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,*/*;q=0.8"
+# Section 11: the first layout (schema version 0), a row per online minute and per upload,
+# as the first fleetmon made it; its triggers are made once the rows are in, for the
+# upgrade drops them by name.
+FIRST_LAYOUT_TABLES = """
+CREATE TABLE heartbeat_minutes (device_id TEXT NOT NULL, minute INTEGER NOT NULL, PRIMARY KEY (device_id, minute))
+WITHOUT ROWID;
+CREATE TABLE uploads (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, sent_at TEXT NOT NULL,
+                      upload_time_ns INTEGER NOT NULL CHECK (upload_time_ns >= 0));
+CREATE TABLE listed_devices (device_id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE device_stats (device_id TEXT PRIMARY KEY, online_minutes INTEGER NOT NULL DEFAULT 0,
+                           first_minute INTEGER, last_minute INTEGER, upload_count INTEGER NOT NULL DEFAULT 0,
+                           upload_total_ns INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+"""
+FIRST_LAYOUT_TRIGGERS = """
+CREATE TRIGGER count_online_minute AFTER INSERT ON heartbeat_minutes BEGIN
+    UPDATE device_stats SET online_minutes = online_minutes + 1,
+                            first_minute = min(coalesce(first_minute, NEW.minute), NEW.minute),
+                            last_minute = max(coalesce(last_minute, NEW.minute), NEW.minute)
+    WHERE device_id = NEW.device_id;
+END;
+CREATE TRIGGER add_upload AFTER INSERT ON uploads BEGIN
+    UPDATE device_stats SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + NEW.upload_time_ns
+    WHERE device_id = NEW.device_id;
+END;
+"""
+# One device in so many has sent nothing: no stats, before and after.
+SILENT_EVERY = 100
+# How often the upgrade's child process has its files and the disk looked at.
+POLL_SECONDS = 0.1
 
 LABEL_WIDTH = 46
 
@@ -176,6 +214,8 @@ class Plan:
     page_devices: int
     page_requests: int  # of each kind, one after another
     page_load_seconds: float
+    upgrade_devices: int
+    upgrade_days: int  # of history each, in the first layout
 
 
 FULL = Plan(
@@ -189,6 +229,8 @@ FULL = Plan(
     flapping_devices=100, webhook_seconds=30,
     down_repeats=5,
     page_devices=100_000, page_requests=20, page_load_seconds=30,
+    # A fleet's four weeks in the first layout: about 1.2 GB.
+    upgrade_devices=1_355, upgrade_days=28,
 )
 QUICK = Plan(
     rounds=1, closed_loop_seconds=1, read_seconds=1, capacity_seconds=1,
@@ -199,6 +241,7 @@ QUICK = Plan(
     flapping_devices=10, webhook_seconds=6,
     down_repeats=2,
     page_devices=20_000, page_requests=3, page_load_seconds=5,
+    upgrade_devices=25, upgrade_days=28,
 )
 
 
@@ -706,7 +749,7 @@ def load_average() -> str:
 
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 # What a server prints when something went wrong that the figures would not show.
-TROUBLE = ("Traceback", "housekeeping paused", "alert delivery paused", " failed: ")
+TROUBLE = ("Traceback", " failed: ")
 
 
 @contextmanager
@@ -1003,6 +1046,49 @@ def build_fleet(database: Path, now_ms: int) -> tuple[Counter[str], list[str]]:
     return counts, up
 
 
+def build_first_layout(database: Path, device_ids: list[str], days: int) -> tuple[int, int]:
+    """A database of the first layout, built straight with SQL: for each device but one in
+    SILENT_EVERY, `days` days of a heartbeat a minute from FIRST_DAY with every tenth
+    minute missed (which one, device by device), and the simulator's uploads a day, sent
+    in time order; device_stats to match, from one GROUP BY. Returns the rows of each."""
+    arguments = {"first": FIRST_MINUTE, "minutes": days * HEARTBEATS_PER_DAY, "uploads": days * UPLOADS_A_DAY,
+                 "every": MISSED_EVERY, "silent": SILENT_EVERY}
+    with bulk_load(database) as db:
+        for statement in fleetmon.split_statements(FIRST_LAYOUT_TABLES):
+            db.execute(statement)
+        # Numbered in id order, the heartbeats' key order: each goes in at the end, and the
+        # pages fill, where a file that took them a minute at a time has them part full.
+        db.execute("CREATE TEMP TABLE numbered (number INTEGER PRIMARY KEY, device_id TEXT NOT NULL)")
+        db.executemany("INSERT INTO numbered VALUES (?, ?)", enumerate(sorted(device_ids)))
+        db.execute("INSERT INTO listed_devices SELECT device_id FROM numbered")
+        heartbeats = db.execute(
+            "INSERT INTO heartbeat_minutes (device_id, minute)"
+            " WITH RECURSIVE offsets (offset) AS (SELECT 0 UNION ALL SELECT offset + 1 FROM offsets"
+            "                                     WHERE offset < :minutes - 1)"
+            " SELECT device_id, :first + offset FROM numbered CROSS JOIN offsets"
+            " WHERE number % :silent != 1 AND (offset + number) % :every != :every - 1", arguments).rowcount
+        # Spread over each day, at a second of their minute, of 30 s to 5 min each.
+        uploads = db.execute(
+            "INSERT INTO uploads (device_id, sent_at, upload_time_ns)"
+            " WITH RECURSIVE numbers (n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM numbers WHERE n < :uploads - 1)"
+            " SELECT device_id,"
+            "        strftime('%Y-%m-%dT%H:%M:%SZ', (:first + n * :minutes / :uploads) * 60 + (n + number) % 60,"
+            "                 'unixepoch'),"
+            "        30000000000 + (n * 7919 + number * 104729) * 1000003 % 270000000000"
+            " FROM numbers CROSS JOIN numbered WHERE number % :silent != 1", arguments).rowcount
+        db.execute(
+            "INSERT INTO device_stats (device_id, online_minutes, first_minute, last_minute, upload_count,"
+            "                          upload_total_ns)"
+            " SELECT device_id, coalesce(online, 0), first, last, coalesce(sent, 0), coalesce(total, 0) FROM numbered"
+            " LEFT JOIN (SELECT device_id, count(*) AS online, min(minute) AS first, max(minute) AS last"
+            "            FROM heartbeat_minutes GROUP BY device_id) USING (device_id)"
+            " LEFT JOIN (SELECT device_id, count(*) AS sent, sum(upload_time_ns) AS total"
+            "            FROM uploads GROUP BY device_id) USING (device_id)")
+        for statement in fleetmon.split_statements(FIRST_LAYOUT_TRIGGERS):
+            db.execute(statement)
+    return heartbeats, uploads
+
+
 # --- Sections -------------------------------------------------------------------------
 
 
@@ -1022,7 +1108,10 @@ def closed_loop_section(plan: Plan, workdir: Path, against: Path | None) -> None
         servers["earlier"] = fleetmon_server(workdir, workdir / "closed-loop-earlier.db", devices_csv,
                                              script=against / "fleetmon.py")
     servers["floor"] = floor_server(workdir)
-    minutes = count()  # shared, so that every heartbeat of every run stores a new row
+    # Shared, so that every heartbeat of every run stores a new row; counted back from
+    # FIRST_DAY, as fleetmon refuses telemetry more than a day ahead of its clock, where
+    # the minutes of many rounds counted forward would reach.
+    minutes = count(0, -1)
     rates = {}
     with ExitStack() as stack:
         ports = {name: stack.enter_context(server) for name, server in servers.items()}
@@ -1040,8 +1129,10 @@ def closed_loop_section(plan: Plan, workdir: Path, against: Path | None) -> None
                     print_ratios(" " * len(what) + f"fleetmon/{name}", results["fleetmon"], results[name])
     low, high = CLIENT_COUNTS
     for kind in ("heartbeat", "upload"):
+        # A server that answered nothing with fewer clients shows inf, as in paired_ratio.
         print(f"  throughput at {high} clients over {low}, POST {kind}: " + ", ".join(
-            f"{name} {rates[kind, high, name] / rates[kind, low, name]:.2f}x" for name in names))
+            f"{name} {rates[kind, high, name] / rates[kind, low, name] if rates[kind, low, name] else math.inf:.2f}x"
+            for name in names))
 
 
 def burst_section(plan: Plan, workdir: Path, against: Path | None) -> None:
@@ -1439,11 +1530,12 @@ def python_order(database: Path, rows: int) -> tuple[float, float, bool]:
         db.row_factory = sqlite3.Row
         for _ in range(3):
             started = time.perf_counter()
-            first = sorted(db.execute("SELECT * FROM devices").fetchall(), key=concern)[:rows]
+            first = sorted(db.execute("SELECT * FROM devices WHERE listed").fetchall(), key=concern)[:rows]
             in_python.append(time.perf_counter() - started)
             started = time.perf_counter()
-            walk = db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern ORDER BY {fleetmon.BY_CONCERN}"
-                              " LIMIT ?", (rows,)).fetchall()
+            # The index covers the listed devices only: a walk along it must ask for them.
+            walk = db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern WHERE listed"
+                              f" ORDER BY {fleet.BY_CONCERN} LIMIT ?", (rows,)).fetchall()
             walked.append(time.perf_counter() - started)
             same = same and [d["device_id"] for d in first] == [d["device_id"] for d in walk]
     return statistics.median(in_python), statistics.median(walked), same
@@ -1454,8 +1546,8 @@ def fleet_page_section(plan: Plan, workdir: Path) -> None:
     print(f"\n10. The fleet at {n:,} devices, built straight into the tables: a day of telemetry each, hours full, "
           f"partly online or missing, {DOWN_SHARE:.0%} down, {NEVER_HEARD_SHARE:.0%} never heard.")
     print(f"   Each page and list {plan.page_requests} times one after another; then {PAGE_HEARTBEAT_RATE} heartbeats/s "
-          f"paced for {plan.page_load_seconds:g} s while {len(TABS)} tabs each reload a page {TAB_PAUSE_SECONDS:g} s "
-          "after it came")
+          f"paced for {plan.page_load_seconds:g} s while 4 tabs each reload a page {TAB_PAUSE_SECONDS:g} s after it "
+          "came: two plain and two filtered, then all four filtered to the whole fleet")
     device_ids = [f"cam-{number:05d}" for number in range(n)]
     devices_csv = write_devices_csv(workdir / "cameras.csv", device_ids)
     database = new_database(workdir, "cameras", devices_csv)
@@ -1466,24 +1558,30 @@ def fleet_page_section(plan: Plan, workdir: Path) -> None:
         stored = db.execute("SELECT (SELECT count(*) FROM online_hours), (SELECT count(*) FROM uploads)").fetchone()
     print(f"  built in {time.monotonic() - started:.1f} s: {counts['up']:,} up, {counts['down']:,} down, "
           f"{counts['never']:,} never heard; {stored[0]:,} online_hours rows, {stored[1]:,} uploads")
-    in_python, walked, same = python_order(database, fleetmon.FLEET_PAGE_ROWS)
-    print(f"  the page's first {fleetmon.FLEET_PAGE_ROWS} in its order: every device read and sorted in Python "
+    in_python, walked, same = python_order(database, fleet.FLEET_PAGE_ROWS)
+    print(f"  the page's first {fleet.FLEET_PAGE_ROWS} in its order: every device read and sorted in Python "
           f"{ms(in_python)}, the index walked {ms(walked)} ({'the same devices' if same else 'NOT the same devices'})")
-    pages = math.ceil(n / fleetmon.FLEET_PAGE_ROWS)
+    pages = math.ceil(n / fleet.FLEET_PAGE_ROWS)
+    whole_fleet = "/?q=cam-"
+    # Ids with a 0 in them: the most a filter matches short of the whole fleet, which the
+    # page may take as no filter at all. Its last page is the farthest walk.
+    zeros = sum("0" in device_id for device_id in device_ids)
+    last_of_zeros = math.ceil(zeros / fleet.FLEET_PAGE_ROWS)
     probes = {
         "GET / for a browser": ("/", BROWSER_ACCEPT),
         "GET /?q=cam-04217 (one match)": ("/?q=cam-04217", BROWSER_ACCEPT),
         f"GET /?q=cam-0 ({min(n, 10_000):,} matches)": ("/?q=cam-0", BROWSER_ACCEPT),
+        f"GET {whole_fleet} ({n:,} matches)": (whole_fleet, BROWSER_ACCEPT),
         f"GET /?page={min(500, pages)}": (f"/?page={min(500, pages)}", BROWSER_ACCEPT),
+        f"GET {whole_fleet}&page={pages} (the last)": (f"{whole_fleet}&page={pages}", BROWSER_ACCEPT),
+        f"GET /?q=0&page={last_of_zeros} (last of {zeros:,})": (f"/?q=0&page={last_of_zeros}", BROWSER_ACCEPT),
         "GET /api/v1/devices?status=down": ("/api/v1/devices?status=down", "application/json"),
         "GET /metrics": ("/metrics", "*/*"),
     }
     print(f"  {'':<{LABEL_WIDTH - 8}}{'p50':>12}{'p99':>12}{'bytes':>12}{'status':>8}")
-    # Devices that are up, each heard once, in the minute after the one they were last heard in.
+    # Devices that are up, each heard once in each run, in a minute after the one they were
+    # last heard in: the first run's, then the next, so that every heartbeat stores a bit.
     beating = random.Random(0).sample(up, min(len(up), round(PAGE_HEARTBEAT_RATE * plan.page_load_seconds)))
-    schedule = paced([heartbeat(device_id, now_ms // 60_000 + 1 - FIRST_MINUTE) for device_id in beating],
-                     PAGE_HEARTBEAT_RATE)
-    tabs = tuple(http_request("GET", path, accept=BROWSER_ACCEPT) for path in TABS)
     with fleetmon_server(workdir, database, devices_csv, "--down-after", "1h") as port:
         with closing(http.client.HTTPConnection("127.0.0.1", port, timeout=60)) as connection:
             for label, (path, accept) in probes.items():
@@ -1491,17 +1589,157 @@ def fleet_page_section(plan: Plan, workdir: Path) -> None:
                 times = [seconds for _, _, seconds in answers]
                 print(f"  {label:<{LABEL_WIDTH - 8}}{ms(percentile(times, 0.5)):>12}{ms(percentile(times, 0.99)):>12}"
                       f"{answers[-1][1]:>12,}{answers[-1][0]:>8}")
-        result = generate_load(OpenLoop(port, schedule, tabs=tabs, tab_pause=TAB_PAUSE_SECONDS))
-    heartbeats = [o for o in result.outcomes if o.source < len(schedule)]
-    print(f"  heartbeats beside the tabs: {latencies_line(heartbeats)}; {against_claim(heartbeats)}")
-    for number, path in enumerate(TABS):
-        loads = [o for o in result.outcomes if o.source == len(schedule) + number]
-        print(f"  tab {number + 1}, {path}: {latencies_line(loads).replace('requests', 'pages')}")
+        for run, paths in enumerate(TAB_SETS, 1):
+            minute = now_ms // 60_000 + run - FIRST_MINUTE
+            schedule = paced([heartbeat(device_id, minute) for device_id in beating], PAGE_HEARTBEAT_RATE)
+            tabs = tuple(http_request("GET", path, accept=BROWSER_ACCEPT) for path in paths)
+            result = generate_load(OpenLoop(port, schedule, tabs=tabs, tab_pause=TAB_PAUSE_SECONDS))
+            heartbeats = [o for o in result.outcomes if o.source < len(schedule)]
+            print(f"  heartbeats beside the tabs {', '.join(paths)}: {latencies_line(heartbeats)}; "
+                  f"{against_claim(heartbeats)}")
+            for number, path in enumerate(paths):
+                loads = [o for o in result.outcomes if o.source == len(schedule) + number]
+                print(f"    tab {number + 1}, {path}: {latencies_line(loads).replace('requests', 'pages')}")
+
+
+# Section 11's child processes, given the database and the devices file: fleetmon's app
+# made and let go, which upgrades the database; and the same on a disk with no room,
+# where fleetmon refuses and says what it needs.
+UPGRADE = """
+import sys
+import fleetmon
+
+app = fleetmon.create_app(database=sys.argv[1], devices_csv=sys.argv[2])
+print(f"fleetmon: {app.config['UPGRADED']}")
+fleetmon.close_storage(app)
+"""
+UPGRADE_WITH_NO_ROOM = """
+import shutil
+import sys
+import fleetmon
+
+usage = shutil.disk_usage
+shutil.disk_usage = lambda path: usage(path)._replace(free=0)
+try:
+    fleetmon.create_app(database=sys.argv[1], devices_csv=sys.argv[2])
+except fleetmon.StartupError as error:
+    print(f"fleetmon: {error}")
+"""
+NEEDS = re.compile(r"needs about ([\d,]+) MiB free")
+STILL_UPGRADING = "fleetmon: still upgrading"
+
+
+@dataclass
+class ChildRun:
+    lines: list[tuple[float, str]]  # what it printed, each line with when, in seconds from its start
+    seconds: float
+    peak_memory: int  # bytes
+    peak_wal: int  # bytes of the database's write-ahead log
+    peak_disk: int  # bytes of its disk taken, over what was free when it started
+
+
+def watched_child(code: str, database: Path, devices_csv: Path) -> ChildRun:
+    """Run Python code in a process of its own, with the database and the devices file as
+    its arguments, to its end, while a thread looks at the database's write-ahead log and
+    its disk's free space every POLL_SECONDS. Unix only: os.wait4."""
+    wal = database.with_name(database.name + "-wal")
+    free_at_start = shutil.disk_usage(database.parent).free
+    peaks = {"wal": 0, "disk": 0}
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(POLL_SECONDS):
+            try:
+                wal_size = wal.stat().st_size
+            except FileNotFoundError:
+                wal_size = 0
+            peaks["wal"] = max(peaks["wal"], wal_size)
+            peaks["disk"] = max(peaks["disk"], free_at_start - shutil.disk_usage(database.parent).free)
+
+    poller = threading.Thread(target=poll, name="upgrade's files")
+    started = time.monotonic()
+    # Unbuffered (-u), so that each line comes when printed.
+    process = subprocess.Popen([sys.executable, "-u", "-c", code, str(database), str(devices_csv)], cwd=HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    poller.start()
+    lines = [(time.monotonic() - started, line.rstrip("\n")) for line in process.stdout]
+    # Its own usage: getrusage(RUSAGE_CHILDREN) would give the largest of every child
+    # waited for so far, the servers and load generators of the sections before included.
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.monotonic() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    process.stdout.close()
+    stop.set()
+    poller.join()
+    if process.returncode != 0:
+        raise RuntimeError("a child process failed:\n" + "\n".join(line for _, line in lines))
+    # ru_maxrss is in KiB, but in bytes on macOS.
+    peak_memory = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return ChildRun(lines, seconds, peak_memory, peaks["wal"], peaks["disk"])
+
+
+def upgrade_section(plan: Plan, workdir: Path) -> None:
+    n, days = plan.upgrade_devices, plan.upgrade_days
+    print(f"\n11. Upgrade: the first layout (schema version 0) built straight with SQL, {n:,} devices with {days} days "
+          f"each of a heartbeat a minute (every {MISSED_EVERY}th missed) and {UPLOADS_A_DAY} uploads a day;")
+    print(f"   fleetmon's create_app upgrades it in a process of its own, its -wal file and the disk's free space looked "
+          f"at every {POLL_SECONDS:g} s; then each device's stats as GET stats reads them, against the first layout's")
+    # Ids as section 10's cameras': each heartbeat row repeats one, so their length sets the size.
+    device_ids = [f"cam-{number:05d}" for number in range(n)]
+    devices_csv = write_devices_csv(workdir / "first-layout.csv", device_ids)
+    database = workdir / "first-layout.db"
+    started = time.monotonic()
+    heartbeats, uploads = build_first_layout(database, device_ids, days)
+    size_before = checkpoint(database)
+    print(f"  built in {time.monotonic() - started:.1f} s: {heartbeats:,} heartbeat_minutes rows, {uploads:,} uploads; "
+          f"{size_before / 2**20:,.1f} MiB")
+    with closing(sqlite3.connect(database)) as db:
+        before = {device_id: fleetmon.device_stats(fleetmon.Aggregates(*aggregates)) for device_id, *aggregates in
+                  db.execute("SELECT device_id, online_minutes, first_minute, last_minute, upload_count,"
+                             " upload_total_ns FROM device_stats")}
+
+    refusal = "\n".join(line for _, line in watched_child(UPGRADE_WITH_NO_ROOM, database, devices_csv).lines)
+    if needs := NEEDS.search(refusal):
+        needed = int(needs.group(1).replace(",", "")) * 2**20
+        print(f"  on a disk with no room it refuses, needing about {needed / 2**20:,.0f} MiB free "
+              f"({needed / size_before:.2f}x the file)")
+    else:
+        print(f"  on a disk with no room it did not say what it needs: {refusal}")
+    run = watched_child(UPGRADE, database, devices_csv)
+    size_after = database.stat().st_size
+    print(f"  upgraded in {run.seconds:.1f} s, the process's whole run; its peak memory {run.peak_memory / 2**20:,.0f} MiB")
+    print(f"  the -wal file at most {run.peak_wal / 2**20:,.1f} MiB ({run.peak_wal / size_before:.2f}x the file before); "
+          f"the disk's free space at most {run.peak_disk / 2**20:,.1f} MiB less ({run.peak_disk / size_before:.2f}x), "
+          "whoever else wrote to it meanwhile included")
+    print(f"  the file {size_before / 2**20:,.1f} MiB before, {size_after / 2**20:,.1f} MiB after")
+    progress = [at for at, line in run.lines if line.startswith(STILL_UPGRADING)]
+    since, until = max(pairwise(at for at, _ in run.lines), key=lambda pair: pair[1] - pair[0], default=(0, 0))
+    print(f"  its lines: {len(progress)} saying it is still upgrading; the longest silence between two lines "
+          f"{until - since:.1f} s, from {since:.1f} s to {until:.1f} s of its run")
+    for _, line in run.lines:
+        if not line.startswith(STILL_UPGRADING):
+            print(f"    {line}")
+
+    with closing(fleetmon.connect(database)) as db:
+        after = {device_id: fleetmon.device_stats(fleetmon.aggregates_of(fleetmon.read_device(db, device_id)))
+                 for device_id in before}
+        minutes = sum(bits.bit_count() for (bits,) in db.execute("SELECT minutes FROM online_hours"))
+        uploads_after = db.execute("SELECT count(*) FROM uploads").fetchone()[0]
+    differ = [device_id for device_id, stats in before.items() if after[device_id] != stats]
+    if differ:
+        first = differ[0]
+        print(f"  stats DIFFER for {len(differ):,} of {len(before):,} devices; {first}: {before[first]} before, "
+              f"{after[first]} after")
+    else:
+        print(f"  every device's stats identical before and after: {len(before):,} devices, "
+              f"{sum(stats is None for stats in before.values())} of them with none")
+    print(f"  online minutes in online_hours' bits {minutes:,}, of {heartbeats:,} heartbeat_minutes rows; "
+          f"uploads {uploads_after:,}, of {uploads:,}")
 
 
 # --- Entry point ------------------------------------------------------------------------
 
-SECTIONS = 10
+SECTIONS = 11
 
 
 def section_numbers(text: str) -> set[int]:
@@ -1557,6 +1795,7 @@ def main(argv: list[str] | None = None) -> None:
         partial(silent_webhook_section, plan),
         partial(down_detection_section, plan),
         partial(fleet_page_section, plan),
+        partial(upgrade_section, plan),
     ]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fleetmon-benchmark-") as folder:

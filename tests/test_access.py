@@ -204,3 +204,25 @@ def test_telemetry_more_than_a_day_ahead_of_fleetmons_clock_is_400_and_stores_no
     just_within = (datetime.now(UTC) + timedelta(hours=23)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert client.get(f"/api/v1/devices/{DEVICE}/stats").status_code == 204
     assert client.post(path, json={**body, "sent_at": just_within}).status_code == 204
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("localhost", True), ("LocalHost", True), ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True),
+    ("[::1]", True), ("0.0.0.0", False), ("::", False), ("192.0.2.1", False), ("fleet.example.org", False),
+])
+def test_loopback_is_localhost_or_a_loopback_address(host, loopback):
+    assert access.is_loopback(host) is loopback
+
+
+def test_an_origin_that_is_no_url_at_all_is_a_foreign_one(client):
+    response = client.post(f"/api/v1/devices/{DEVICE}/heartbeat", json={"sent_at": SENT_AT},
+                           headers={"Origin": "http://[::1"})
+    assert response.status_code == 403
+
+
+def test_the_failed_passwords_remembered_are_bounded_whatever_the_addresses(monkeypatch):
+    monkeypatch.setattr(access, "ADDRESSES_REMEMBERED", 3)
+    lockout = access.Lockout()
+    for number in range(10):
+        lockout.failed(f"192.0.2.{number}", now=100.0)
+    assert len(lockout._failures) <= access.ADDRESSES_REMEMBERED
