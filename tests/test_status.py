@@ -264,7 +264,7 @@ TAKEN_AS_WHOLE = pytest.mark.xfail(strict=True, reason="alerts.AlertDelivery.pos
     pytest.param((b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x"), marks=TAKEN_AS_WHOLE),  # its body
 ], ids=["status line", "head", "body"])
 def test_a_receiver_dripping_its_answer_cannot_hold_delivery_past_the_attempts_time(app, monkeypatch, drip):
-    monkeypatch.setattr(alerts, "ATTEMPT_SECONDS", 0.5)
+    monkeypatch.setattr(alerts, "ATTEMPT_SECONDS", 0.2)
     queue_alerts(app, "down")
     stop = threading.Event()
     with FakeServer(lambda method, path: dripping(stop, *drip)) as receiver:
@@ -274,7 +274,7 @@ def test_a_receiver_dripping_its_answer_cannot_hold_delivery_past_the_attempts_t
         finally:
             stop.set()
     assert lines == [(f"fleetmon: alert 1 ({DEVICE} down) not delivered to {receiver.url}/…: "
-                      "no answer within 0.5 s; trying again in 1 s")]
+                      "no answer within 0.2 s; trying again in 1 s")]
     assert delivered(app) == [alerts.WAITING]
 
 

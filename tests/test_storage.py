@@ -276,7 +276,7 @@ def test_an_earlier_version_is_upgraded_to_the_schema_a_new_database_gets(tmp_pa
     with open_app(new):
         pass
     with open_app(old) as app:
-        send_day(app.test_client(), simulated_day(FIRST_DEVICE))
+        send_day(app.test_client(), simulated_day(FIRST_DEVICE)[:150])  # heartbeats and uploads
     with closing(sqlite3.connect(old, isolation_level=None)) as db:
         for statement in statements:
             db.execute(statement)
