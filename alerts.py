@@ -155,6 +155,8 @@ class AlertDelivery:
                 url = urllib.parse.urljoin(url, location)
                 continue
             break
+        else:
+            raise Failure(f"HTTP {status}, redirected more than {MAX_REDIRECTS} times")
         if 200 <= status < 300:
             return
         if 300 <= status < 400:
@@ -171,8 +173,10 @@ class AlertDelivery:
             raise Failure(f"no answer within {ATTEMPT_SECONDS} s")
         connection = connection_class(parts.hostname, parts.port, timeout=remaining)
         # Past the deadline the socket is shut, which ends a read that a dripping answer
-        # would keep going; a socket timeout bounds each read, not the whole.
-        watchdog = threading.Timer(remaining, self.abort)
+        # would keep going (a socket timeout bounds each read, not the whole); what was
+        # read by then is no whole answer, though http.client may take an end for one.
+        timed_out = threading.Event()
+        watchdog = threading.Timer(remaining, lambda: (timed_out.set(), self.abort()))
         try:
             connection.connect()
             with self._socket_lock:
@@ -184,11 +188,15 @@ class AlertDelivery:
             connection.request("POST", target, body, {"Content-Type": "application/json"})
             with connection.getresponse() as response:
                 response.read(MAX_BODY_BYTES)
-                return response.status, response.getheader("Location")
+                answer = response.status, response.getheader("Location")
         except (OSError, http.client.HTTPException) as error:
-            if time.monotonic() >= deadline:
+            if timed_out.is_set():
                 raise Failure(f"no answer within {ATTEMPT_SECONDS} s") from None
-            raise Failure(str(error) or type(error).__name__) from None
+            with self._socket_lock:
+                stopping = self._stopped
+            # One line: what a receiver sent may be in the reason, line breaks and all.
+            raise Failure("fleetmon is stopping" if stopping else " ".join(str(error).split()) or
+                          type(error).__name__) from None
         finally:
             watchdog.cancel()
             if watchdog.is_alive():
@@ -196,6 +204,9 @@ class AlertDelivery:
             with self._socket_lock:
                 self._socket = None
             connection.close()
+        if timed_out.is_set():
+            raise Failure(f"no answer within {ATTEMPT_SECONDS} s")
+        return answer
 
     def abort(self) -> None:
         """End the attempt under way, if any, at once."""

@@ -236,8 +236,8 @@ def load_device_ids(path: Path) -> frozenset[str]:
         raise StartupError(f"cannot read devices file {path}: {error.strerror}") from None
     except UnicodeDecodeError:
         raise StartupError(f"devices file {path} is not UTF-8 text") from None
-    first_line = text.split("\n", 1)[0]
-    delimiter = ";" if "device_id" in first_line and ";" in first_line and "," not in first_line else ","
+    first_line = text.partition("\n")[0]
+    delimiter = ";" if ";" in first_line and "," not in first_line else ","
     rows = list(enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1))
     header = [name.strip() for name in rows[0][1]] if rows else []
     if "device_id" not in header:
@@ -825,13 +825,33 @@ def stopping_on_sigterm() -> Iterator[None]:
 
 def serve(app: Flask, listener: socket.socket, announce=print) -> None:
     """Serve app with waitress on listener until Ctrl+C or SIGTERM, with the monitor's
-    work beside it, telling what it does. Closes listener."""
+    work beside it, telling what it does. Closes listener.
+
+    What the monitor's work says as it starts waits until all of it has started: a start
+    that fails says only why."""
     import connections
 
     server = connections.create_server(app, listener, **WAITRESS_SETTINGS)
-    with ExitStack() as running:
-        running.callback(announce, "fleetmon: stopped")
+    started: list[str] | None = []
+
+    def announce_once_started(line: str) -> None:
+        if started is None:
+            announce(line)
+        else:
+            started.append(line)
+
+    listening = False
+
+    def tell_stopped() -> None:
+        if listening:
+            announce("fleetmon: stopped")
+
+    with ExitStack() as running, stopping_on_sigterm():
+        running.callback(tell_stopped)  # the last line
         running.callback(server.close)
+        for start in app.extensions["fleetmon.background"]:
+            running.enter_context(start(app, announce_once_started))
+        lines, started = started, None
         host, port = listener.getsockname()[:2]
         url = f"http://{url_host(host)}:{port}"
         if app.config["UPGRADED"]:
@@ -839,16 +859,16 @@ def serve(app: Flask, listener: socket.socket, announce=print) -> None:
         devices = len(app.config["DEVICE_KEYS"])
         announce(f"fleetmon: {devices:,} device{'s' if devices != 1 else ''} from "
                  f"{app.config['DEVICES_CSV'].absolute()}, database {app.config['DATABASE'].absolute()}")
-        for start in app.extensions["fleetmon.background"]:
-            running.enter_context(start(app, announce))
+        for line in lines:
+            announce(line)
         announce(f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)")
+        listening = True
         # What the start built lives as long as the server, the devices' ids above all: out
         # of the garbage collector's sight, a full collection at 100,000 devices holds the
         # one worker up for 0.01 ms rather than 14 ms.
         gc.freeze()
         running.callback(gc.unfreeze)
-        with stopping_on_sigterm():
-            server.run()  # until Ctrl+C, which it catches
+        server.run()  # until Ctrl+C, which it catches
 
 
 # --- main -----------------------------------------------------------------------------
@@ -882,10 +902,10 @@ def web_url(text: str) -> str:
     """--alert-url: an http or https URL with a host."""
     try:
         parts = urllib.parse.urlsplit(text)
-        has_host = bool(parts.hostname)
-    except ValueError:
-        has_host = False
-    if parts.scheme not in ("http", "https") or not has_host:
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an address that is no URL, such as http://[::1/hook
+        usable = False
+    if not usable:
         raise argparse.ArgumentTypeError("must be an http:// or https:// URL with a host, like https://example.com/hook")
     return text
 

@@ -46,10 +46,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS devices_by_id ON devices (device_id);
 CREATE INDEX IF NOT EXISTS devices_by_concern ON devices (
     down_since_ms IS NULL, down_since_ms, online_minutes = 0 AND upload_count = 0, uptime, device_id
 ) WHERE listed;
--- Counting the down and the never-heard devices reads only these entries. Neither index
--- changes when a heard device is heard again.
-CREATE INDEX IF NOT EXISTS devices_down ON devices (down_since_ms) WHERE down_since_ms IS NOT NULL AND listed;
-CREATE INDEX IF NOT EXISTS devices_never_heard ON devices (last_heard_ms) WHERE last_heard_ms IS NULL AND listed;
+-- Counting the down and the never-heard devices of the devices file reads only these
+-- entries. Neither index changes when a heard device is heard again.
+CREATE INDEX IF NOT EXISTS devices_down ON devices (listed, down_since_ms) WHERE down_since_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS devices_never_heard ON devices (listed, last_heard_ms) WHERE last_heard_ms IS NULL;
 
 -- A device's online minutes, an hour a row: bit m of `minutes` is minute m of the hour
 -- (bits 0-59). A heartbeat sets one bit; a retry finds it set and changes nothing. So a

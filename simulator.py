@@ -18,6 +18,7 @@ API alone.
 import argparse
 import csv
 import http.client
+import io
 import json
 import math
 import sys
@@ -142,10 +143,14 @@ class Unreachable(SimulatorError):
 
 def read_device_ids(path: Path) -> list[str]:
     """The ids under the device_id column of a devices file, sorted, read as fleetmon
-    reads them: a UTF-8 byte-order mark, spaces, blank lines and repeated ids are fine."""
+    reads them: a UTF-8 byte-order mark, spaces, blank lines, repeated ids, and a file
+    separated by semicolons (a first line with one and no comma) are fine."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as file:
-            rows = [[value.strip() for value in row] for row in csv.reader(file)]
+            text = file.read()
+        first_line = text.partition("\n")[0]
+        delimiter = ";" if ";" in first_line and "," not in first_line else ","
+        rows = [[value.strip() for value in row] for row in csv.reader(io.StringIO(text), delimiter=delimiter)]
     except OSError as error:
         raise SimulatorError(f"cannot read devices file {path}: {error.strerror}") from None
     except UnicodeDecodeError:

@@ -231,8 +231,6 @@ def test_fleetmon_reads_a_devices_file_separated_by_semicolons(tmp_path, content
     assert sorted(load_device_ids(path)) == device_ids
 
 
-@pytest.mark.xfail(strict=True, reason="simulator.read_device_ids reads commas only: a file fleetmon takes, "
-                                       "it finds no device_id column in")
 @pytest.mark.parametrize(("content", "device_ids"), SEMICOLONS[:1])
 def test_the_simulator_reads_a_devices_file_separated_by_semicolons_as_fleetmon_does(tmp_path, content, device_ids):
     path = tmp_path / "devices.csv"

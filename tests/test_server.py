@@ -446,8 +446,6 @@ def test_an_unusable_option_is_refused_in_one_line(tmp_path, capsys, args, messa
     assert list(tmp_path.iterdir()) == []  # nothing was opened
 
 
-@pytest.mark.xfail(strict=True, raises=UnboundLocalError,
-                   reason="fleetmon.web_url: when urlsplit raises ValueError, `parts` is unbound on the next line")
 def test_an_alert_url_that_cannot_be_parsed_is_refused_in_one_line(tmp_path, capsys):
     assert start_with(capsys, "--alert-url", "http://[::1/hook", "--db", tmp_path / "x.db") == (
         2, f"fleetmon: argument --alert-url: {NO_URL} (see --help)\n")
@@ -519,9 +517,6 @@ def test_a_database_failing_as_the_watch_starts_stops_the_start_with_one_line(tm
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="serve() announces the devices and who may reach the operator's views "
-                                       "before the housekeeping starts, and 'fleetmon: stopped' when it fails: "
-                                       "a start that never listened says it stopped")
 def test_a_start_that_fails_says_nothing_but_why(tmp_path, capsys, monkeypatch):
     with watch_failing_as_it_starts(monkeypatch):
         assert fleetmon.main(["--port", "0", "--db", str(tmp_path / "fleetmon.db")]) == 1

@@ -221,8 +221,6 @@ def test_an_alert_not_taken_is_tried_again_after_a_backoff_and_the_ones_after_it
     assert (len(receiver.requests), outcomes, delivered(app)) == (1, Counter(), [alerts.WAITING] * 2)
 
 
-@pytest.mark.xfail(strict=True, reason="alerts.AlertDelivery.post: a failure's reason is str(error), and "
-                                       "http.client's BadStatusLine is the receiver's own line, CR LF included")
 def test_what_a_receiver_answers_stays_on_the_one_line_of_its_failure(app):
     queue_alerts(app, "down")
     with FakeServer(lambda method, path: b"SSH-2.0-OpenSSH_9.6\r\n") as receiver, \
@@ -254,14 +252,10 @@ def dripping(stop, head, drop):
 
 # Cut short by the watchdog, an answer after its status line reads as a whole one: http.client
 # ends a head at EOF, and read(amt) returns a short body without complaint.
-TAKEN_AS_WHOLE = pytest.mark.xfail(strict=True, reason="alerts.AlertDelivery.post: after the watchdog's "
-                                   "shutdown(), what was read counts as the whole answer, and a 200 delivers")
-
-
 @pytest.mark.parametrize("drip", [
     (b"HTTP/1.1", b" "),  # its status line
-    pytest.param((b"HTTP/1.1 200 OK\r\n", b"X-Drip: x\r\n"), marks=TAKEN_AS_WHOLE),  # its head
-    pytest.param((b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x"), marks=TAKEN_AS_WHOLE),  # its body
+    (b"HTTP/1.1 200 OK\r\n", b"X-Drip: x\r\n"),  # its head
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x"),  # its body
 ], ids=["status line", "head", "body"])
 def test_a_receiver_dripping_its_answer_cannot_hold_delivery_past_the_attempts_time(app, monkeypatch, drip):
     monkeypatch.setattr(alerts, "ATTEMPT_SECONDS", 0.2)
@@ -305,8 +299,6 @@ def test_a_stopping_fleetmon_ends_the_attempt_under_way_and_begins_none(app, mon
     assert [line.split(": ", 2)[-1] for line in lines[1:]] == ["fleetmon is stopping; trying again in 2 s"]
 
 
-@pytest.mark.xfail(strict=True, reason="alerts.AlertDelivery.send: after MAX_REDIRECTS 307s or 308s the "
-                                       "failure says the redirect 'would not keep the POST', which it would")
 def test_a_receiver_redirecting_for_ever_is_told_as_such(app):
     queue_alerts(app, "down")
     with FakeServer(lambda method, path: http_answer(307, headers=[("Location", "/hook")])) as receiver, \
@@ -441,9 +433,6 @@ def test_metrics_are_prometheus_text_naming_each_device_only_in_a_small_fleet(ap
 
 
 
-@pytest.mark.xfail(strict=True, reason="openapi.json's /metrics example predates the reshape: no "
-                                       "fleetmon_alerts_sent_total or fleetmon_alerts_waiting, and the alerts after "
-                                       "the devices")
 def test_the_documented_example_of_metrics_has_the_series_a_scrape_has_in_its_order(app, client):
     send(client, heartbeat(SENT_AT), upload(5, device_id=OTHER_DEVICE))
     scraped = client.get("/metrics").get_data(as_text=True)
