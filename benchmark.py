@@ -1,7 +1,7 @@
 """How fast fleetmon is, what it stores, how it bears overload, pruning, a silent alert
 receiver and a large fleet, and how it upgrades a large database of the first layout.
 
-    python benchmark.py                     the whole benchmark: about 18 minutes on 2 cores
+    python benchmark.py                     the whole benchmark: about 17 minutes on 2 cores
     python benchmark.py --quick             every section briefly, as a smoke run
     python benchmark.py --against DIR       beside an earlier fleetmon: DIR/fleetmon.py
     python benchmark.py --only 6,7          some sections only
