@@ -23,7 +23,7 @@ import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
-from flask import Flask, abort, current_app, g, request
+from flask import Flask, abort, g, request
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import TooManyRequests, Unauthorized
 
