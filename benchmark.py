@@ -90,6 +90,7 @@ from itertools import count, pairwise
 from pathlib import Path
 from typing import NamedTuple
 
+import connections
 import fleet
 import fleetmon
 from simulator import PUBLISHED_DAYS, UPLOADS_A_DAY, simulated_day
@@ -97,7 +98,7 @@ from simulator import PUBLISHED_DAYS, UPLOADS_A_DAY, simulated_day
 HERE = Path(__file__).resolve().parent
 FLEETMON_SCRIPT = HERE / "fleetmon.py"
 BENCHMARK_SCRIPT = Path(__file__).resolve()
-FLOOR_THREADS = fleetmon.WAITRESS_SETTINGS["threads"]
+FLOOR_THREADS = connections.SETTINGS["threads"]
 
 # What a device of the fleet sends in a day: a heartbeat a minute, the simulator's
 # uploads, and a few reads of its stats by whoever watches it.

@@ -278,7 +278,7 @@ def running(server):
 def fleetmon_server(app, **settings):
     """fleetmon's own waitress server for app on a free loopback port, with fleetmon's
     settings or these."""
-    return connections.create_server(app, fleetmon.listen("127.0.0.1", 0), **(fleetmon.WAITRESS_SETTINGS | settings))
+    return connections.create_server(app, fleetmon.listen("127.0.0.1", 0), **settings)
 
 
 @contextmanager

@@ -28,6 +28,31 @@ from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, WSGITask
 
+from fleetmon import MAX_BODY_BYTES
+
+# How waitress serves fleetmon (OPERATING.md, "How it works", says why):
+SETTINGS = {
+    # Python runs one thread at a time and SQLite takes one writer at a time, so more
+    # worker threads only add hand-offs. Slow clients hold no worker: waitress reads and
+    # writes sockets in a thread of its own.
+    "threads": 1,
+    # Enough for hundreds of idle or slow clients while staying under the 512 sockets
+    # that select() can watch on Windows.
+    "connection_limit": 450,
+    # Drop a connection that has sent nothing for this long between requests. Checked
+    # every second, because the same check enforces REQUEST_SECONDS.
+    "channel_timeout": 15,
+    "cleanup_interval": 1,
+    # The socket thread sends a response of up to this many bytes, not the worker: a
+    # worker sending for itself leaves the socket thread spinning on the channel's lock,
+    # holding the GIL, and throughput with many clients collapses (benchmark.py shows
+    # it). waitress has deprecated the setting but still honours it.
+    "send_bytes": 18_000,
+    # Refuse a larger body from its Content-Length, before reading it. waitress refuses
+    # a length equal to its limit too, hence the one byte more.
+    "max_request_body_size": MAX_BODY_BYTES + 1,
+}
+
 
 class KeepAliveTask(WSGITask):
     """waitress's task, but keeping the connection open after a 204.
@@ -193,14 +218,14 @@ class FleetmonServer(TcpWSGIServer):
 
 
 def create_server(app: Flask, listener: socket.socket, **settings) -> FleetmonServer:
-    """A waitress server for app on a listening socket, with these settings and
+    """A waitress server for app on a listening socket, with SETTINGS (and these) and
     fleetmon's channel. Closes listener if it cannot be made."""
     # With one worker thread requests queue by design; waitress would warn of every queue.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "send_bytes", DeprecationWarning)  # see fleetmon.WAITRESS_SETTINGS
-            adj = Adjustments(sockets=[listener], **settings)
+            warnings.filterwarnings("ignore", "send_bytes", DeprecationWarning)  # see SETTINGS
+            adj = Adjustments(sockets=[listener], **(SETTINGS | settings))
         # What waitress.create_server() does with a socket it is given, but with our class.
         sockinfo = (listener.family, listener.type, listener.proto, listener.getsockname())
         return FleetmonServer(app, _sock=listener, bind_socket=False, adj=adj, sockinfo=sockinfo)

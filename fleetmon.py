@@ -324,9 +324,9 @@ def upgrade(db: sqlite3.Connection, database: Path, schema: str, announce=print)
     if version == SCHEMA_VERSION or is_new:
         return None
     size = database.stat().st_size
-    # From the first layout every row is rewritten, and the write-ahead log holds each page
-    # written until the end: it grew to 1.14 times the file's size (benchmark.py, upgrade).
-    needed = size * 5 // 4 if version == 0 else size // 10
+    # From the first layout every row is rewritten: with secure_delete off (below), the
+    # disk's free space fell by 0.59 times the file's size at most (benchmark.py, upgrade).
+    needed = size * 3 // 4 if version == 0 else size // 10
     free = shutil.disk_usage(database.parent).free
     if free < needed:
         raise StartupError(f"upgrading database {database} from schema version {version} needs about "
@@ -334,7 +334,7 @@ def upgrade(db: sqlite3.Connection, database: Path, schema: str, announce=print)
                            "it is left as it was")
     started, changes_before = time.monotonic(), db.total_changes
     announce(f"fleetmon: upgrading database {database} ({size / 2**20:,.1f} MiB) from schema version {version}; "
-             "stopped at any point, it is left as it was")
+             "stopped before it is done, it is left as it was")
     next_word = [started + UPGRADE_PROGRESS_SECONDS]
 
     def tell_progress() -> int:
@@ -344,6 +344,9 @@ def upgrade(db: sqlite3.Connection, database: Path, schema: str, announce=print)
         return 0  # go on
 
     db.set_progress_handler(tell_progress, 1_000_000)
+    # Some builds of SQLite zero every page a DROP TABLE frees, through the write-ahead log:
+    # a copy of the old tables' size more. The VACUUM that follows leaves none of them.
+    db.execute("PRAGMA secure_delete = OFF")
     try:
         with transaction(db):
             for step in range(version + 1, SCHEMA_VERSION + 1):
@@ -353,13 +356,17 @@ def upgrade(db: sqlite3.Connection, database: Path, schema: str, announce=print)
             for statement in split_statements(schema):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        written = db.total_changes - changes_before
-        give_space_back(db)
     except sqlite3.Error as error:
         raise StartupError(f"cannot upgrade database {database} from schema version {version}: {error}; "
                            "it is left as it was") from None
     finally:
         db.set_progress_handler(None, 0)
+    written = db.total_changes - changes_before
+    try:
+        give_space_back(db)
+    except sqlite3.Error as error:  # upgraded all the same
+        announce(f"fleetmon: upgraded, but could not give back the space the upgrade freed ({error}); "
+                 "sqlite3's VACUUM does it")
     return (f"upgraded database {database} from schema version {version} to {SCHEMA_VERSION}: "
             f"{written:,} rows written in {time.monotonic() - started:.1f} s, "
             f"{size / 2**20:,.1f} MiB before, {database.stat().st_size / 2**20:,.1f} MiB after")
@@ -774,30 +781,6 @@ def create_app(database: Path = DEFAULT_DATABASE, devices_csv: Path = DEFAULT_DE
 
 # --- Serving on waitress --------------------------------------------------------------
 
-# How waitress serves fleetmon (OPERATING.md, "How it works", says why):
-WAITRESS_SETTINGS = {
-    # Python runs one thread at a time and SQLite takes one writer at a time, so more
-    # worker threads only add hand-offs. Slow clients hold no worker: waitress reads and
-    # writes sockets in a thread of its own.
-    "threads": 1,
-    # Enough for hundreds of idle or slow clients while staying under the 512 sockets
-    # that select() can watch on Windows.
-    "connection_limit": 450,
-    # Drop a connection that has sent nothing for this long between requests. Checked
-    # every second, because the same check enforces connections.REQUEST_SECONDS.
-    "channel_timeout": 15,
-    "cleanup_interval": 1,
-    # The socket thread sends a response of up to this many bytes, not the worker: a
-    # worker sending for itself leaves the socket thread spinning on the channel's lock,
-    # holding the GIL, and throughput with many clients collapses (benchmark.py shows
-    # it). waitress has deprecated the setting but still honours it.
-    "send_bytes": 18_000,
-    # Refuse a larger body from its Content-Length, before reading it. waitress refuses
-    # a length equal to its limit too, hence the one byte more.
-    "max_request_body_size": MAX_BODY_BYTES + 1,
-}
-
-
 def listen(host: str, port: int) -> socket.socket:
     """The listening socket, taken before anything else is opened or created, so that a
     port in use stops the start with nothing left behind."""
@@ -831,7 +814,7 @@ def serve(app: Flask, listener: socket.socket, announce=print) -> None:
     that fails says only why."""
     import connections
 
-    server = connections.create_server(app, listener, **WAITRESS_SETTINGS)
+    server = connections.create_server(app, listener)
     started: list[str] | None = []
 
     def announce_once_started(line: str) -> None:

@@ -603,7 +603,7 @@ def test_the_server_window_from_the_start_to_ctrl_c(tmp_path, monkeypatch, setti
     assert lines[5:] == ["fleetmon: stopped"]
     assert listener.fileno() == -1  # closed with the server
     adjusted = made[0].adj  # the server runs with fleetmon's settings
-    assert {name: getattr(adjusted, name) for name in fleetmon.WAITRESS_SETTINGS} == fleetmon.WAITRESS_SETTINGS
+    assert {name: getattr(adjusted, name) for name in connections.SETTINGS} == connections.SETTINGS
 
 
 class ServerStoppedAtOnce:

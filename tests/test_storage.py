@@ -204,7 +204,7 @@ SIMULATED_DAYS = {device_id: [(event.path, event.body) for event in simulated_da
 UPGRADED = (r"upgraded database {database} from schema version {version} to {SCHEMA_VERSION}: {rows} rows written "
             r"in \d+\.\d s, [\d,]+\.\d MiB before, [\d,]+\.\d MiB after")
 UPGRADING = (r"fleetmon: upgrading database {database} \([\d,]+\.\d MiB\) from schema version {version}; "
-             r"stopped at any point, it is left as it was")
+             r"stopped before it is done, it is left as it was")
 
 
 def upgrade_lines(database, version, rows=r"[\d,]+"):
