@@ -325,7 +325,7 @@ def upgrade(db: sqlite3.Connection, database: Path, schema: str, announce=print)
         return None
     size = database.stat().st_size
     # From the first layout every row is rewritten: with secure_delete off (below), the
-    # disk's free space fell by 0.59 times the file's size at most (benchmark.py, upgrade).
+    # disk's free space fell by 0.62 times the file's size at most (benchmark.py, upgrade).
     needed = size * 3 // 4 if version == 0 else size // 10
     free = shutil.disk_usage(database.parent).free
     if free < needed:

@@ -383,3 +383,26 @@ def test_debug_stats_show_the_telemetry_behind_the_stats(client):
         "stats": {"uptime": 479 / 480 * 100, "avg_upload_time": "3m7.893379134s"},
     }
     assert response.get_json()["stats"] == client.get(stats_url()).get_json()
+
+
+def test_the_counts_lead_with_what_matters_and_colour_down_only_when_some_are(app, client):
+    page = fleet_page(client)
+    assert list(summary(page)) == ["Down", "Up", "Never heard", "Devices"]
+    assert 'class="down"' not in page.split('<dl class="summary"')[1].split("</dl>")[0]
+    with closing(sqlite3.connect(app.config["DATABASE"], isolation_level=None)) as db:
+        db.execute("UPDATE devices SET last_heard_ms = 1000, down_since_ms = 1000 WHERE device_id = ?", (DEVICE,))
+    assert '<div class="down"><dt>Down</dt><dd>1</dd></div>' in fleet_page(client)
+
+
+def test_a_device_never_heard_reads_so_once_and_one_that_sent_before_status_was_kept_says_so(app, client):
+    """A database upgraded from a fleetmon that kept no status holds devices with
+    telemetry that this fleetmon has never heard."""
+    with closing(sqlite3.connect(app.config["DATABASE"], isolation_level=None)) as db:
+        db.execute("UPDATE devices SET online_minutes = 2, first_minute = 0, last_minute = 1 WHERE device_id = ?",
+                   (OTHER_DEVICE,))
+    page = fleet_page(client)
+    rows = dict(re.findall(r"<code>([^<]*)</code></a></th>\s*<td>(.*?)</td>", page))
+    assert rows[DEVICE].count("never heard") == 1
+    assert " ".join(re.sub(r"<[^>]+>", "", rows[OTHER_DEVICE]).split()) == \
+        "never heard not heard since fleetmon began keeping status"
+    assert "not heard since this fleetmon began keeping status" in page  # the legend says the same

@@ -580,3 +580,28 @@ def test_retention_prunes_the_alerts_dealt_with_and_the_outages_ended_before_the
     # What is still to be delivered stays, however old; an outage stays while it lasts.
     assert query(app, "SELECT id, delivered FROM alerts ORDER BY id") == [(3, alerts.WAITING), (6, alerts.DELIVERED)]
     assert query(app, "SELECT started_ms FROM outages ORDER BY started_ms") == [(2,), (3,)]
+
+
+def test_after_a_write_fails_on_a_full_disk_the_write_ahead_log_is_emptied_for_the_next(app, client, monkeypatch):
+    """So that space freed on the disk serves the next writes at once, rather than the
+    log's growth, until the next periodic checkpoint."""
+    send(client, *(heartbeat(minute_of_day(60 * hour)) for hour in range(20)))
+    wal = app.config["DATABASE"].with_name(app.config["DATABASE"].name + "-wal")
+    assert wal.stat().st_size > 0
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # answer 500 as in production
+    emptied = []
+    monkeypatch.setattr(fleetmon, "make_room", lambda database: emptied.append(database))
+    with monkeypatch.context() as full:
+        full.setattr(fleetmon, "connect", on_a_full_disk)
+        app.extensions["fleetmon.pool"].close()  # no idle connection of the roomy kind left
+        app.extensions["fleetmon.pool"] = fleetmon.ConnectionPool(app.config["DATABASE"])
+        hours = 20
+        while client.post(heartbeat_url(), json={"sent_at": minute_of_day(60 * hours)}).status_code == 204:
+            hours += 1
+    assert emptied == [app.config["DATABASE"]]
+    monkeypatch.undo()
+    with closing(fleetmon.connect(app.config["DATABASE"])):  # held open: else the last close removes the log
+        send(client, heartbeat(minute_of_day(60 * hours)))
+        assert wal.stat().st_size > 0
+        fleetmon.make_room(app.config["DATABASE"])  # the real one
+        assert wal.stat().st_size == 0
