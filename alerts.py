@@ -47,11 +47,11 @@ def read_since(db: sqlite3.Connection, alert_id: int) -> list[sqlite3.Row]:
 
 
 def count_waiting(db: sqlite3.Connection) -> int:
-    return db.execute(f"SELECT count(*) FROM alerts WHERE delivered = {WAITING}").fetchone()[0]
+    return db.execute("SELECT count(*) FROM alerts WHERE NOT delivered").fetchone()[0]  # along alerts_to_deliver
 
 
 def read_waiting(db: sqlite3.Connection) -> list[sqlite3.Row]:
-    return db.execute(f"{QUEUED} WHERE delivered = {WAITING} ORDER BY id LIMIT {PENDING_READ}").fetchall()
+    return db.execute(f"{QUEUED} WHERE NOT delivered ORDER BY id LIMIT {PENDING_READ}").fetchall()  # along alerts_to_deliver
 
 
 def text_of(alert: sqlite3.Row) -> str:

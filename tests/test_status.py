@@ -444,3 +444,33 @@ def test_the_documented_example_of_metrics_has_the_series_a_scrape_has_in_its_or
                                   for sample in family.samples))
 
     assert series(example) == series(scraped)
+
+
+def test_a_scrape_reads_no_history_whatever_its_length(app, client, monkeypatch):
+    """Alerts and outages pile up without --keep-days: no statement a scrape runs may read
+    them whole. Each reads an index of a few rows, or the listed devices in a small fleet."""
+    pool = app.extensions["fleetmon.pool"]
+    db = pool.borrow()
+    ran = []
+    db.set_trace_callback(ran.append)
+    pool.give_back(db)
+    try:
+        assert client.get("/metrics").status_code == 200
+    finally:
+        db.set_trace_callback(None)
+    plans = {statement: " | ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}"))
+             for statement in ran if statement.startswith("SELECT")}
+    assert not any("alerts" in plan and "alerts_to_deliver" not in plan for plan in plans.values()), plans
+    assert not any("outages" in plan for plan in plans.values()), plans
+    waiting = next(plan for statement, plan in plans.items() if "FROM alerts" in statement)
+    assert "USING INDEX alerts_to_deliver" in waiting  # the waiting alerts alone
+
+
+def test_no_duration_is_negative_across_a_clock_stepped_back(app):
+    """The wall clock stepped back between an outage's start and its end."""
+    import fleet
+
+    assert fleet.outage_view(started=7_200_000, ended=7_000)["seconds"] == 0
+    alert = {"id": 1, "device_id": DEVICE, "status": "up", "at_ms": 7_000, "last_heard_ms": 7_200_000}
+    assert alerts.payload(alert)["outage_seconds"] == 0
+    assert alerts.text_of(alert) == f"fleetmon: {DEVICE} is up again after 0 ns"
