@@ -13,6 +13,7 @@ import http.client
 import json
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
@@ -209,13 +210,18 @@ class AlertDelivery:
         return answer
 
     def abort(self) -> None:
-        """End the attempt under way, if any, at once."""
+        """End the attempt under way, if any, at once: a read blocked on its socket ends
+        when the socket is shut down on Linux and macOS, and when it is closed on Windows."""
         with self._socket_lock:
             if self._socket is not None:
                 try:
                     self._socket.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                if sys.platform == "win32":
+                    # Its handle taken from the socket, whose later close() then does nothing.
+                    socket.socket(fileno=self._socket.detach()).close()
+                self._socket = None
 
     def stop(self) -> None:
         """End the attempt under way and let no other begin: fleetmon is stopping."""
