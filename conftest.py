@@ -314,14 +314,14 @@ def fleetmon_command(*args):
 
 
 @contextmanager
-def server_process(*args, timeout=60):
+def server_process(*args, timeout=60, env=None):
     """`python fleetmon.py *args`, until it prints where it listens; killed after.
 
     Yields the process, its port, what it printed, and wait_for(text), which reads on to
     the next line with text in it. A thread reads the lines into a queue, whose get() can
     time out where a pipe's readline() cannot (Windows has no select() on pipes).
     """
-    process = subprocess.Popen(fleetmon_command(*args), stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(fleetmon_command(*args), stdout=subprocess.PIPE, text=True, env=env)
     lines = queue.Queue()
 
     def read_lines():

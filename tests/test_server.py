@@ -9,6 +9,7 @@ never for time to pass.
 """
 
 import json
+import os
 import queue
 import re
 import select
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
 from http.client import HTTPConnection
@@ -33,6 +35,7 @@ import housekeeping
 from conftest import (
     DEVICE,
     DEVICES_CSV,
+    HERE,
     SENT_AT,
     devices_file,
     fleetmon_command,
@@ -647,3 +650,34 @@ def test_sigterm_stops_fleetmon_as_ctrl_c_does(tmp_path):
     ]
     assert re.fullmatch(r"fleetmon: last \d+ s: 0 heartbeats, 0 uploads, 1 stats read, 0 rejected\n", printed[4])
     assert printed[5:] == ["fleetmon: stopped\n"]
+
+
+def test_a_device_id_the_output_cannot_encode_prints_escaped_never_as_a_traceback(tmp_path):
+    """Output to a pipe or a file is cp1252 on Windows, whatever the console shows: a device
+    id outside it is written escaped, and its down and up lines come as for any other."""
+    camera = "カメラ-1"
+    devices = devices_file(tmp_path, camera)
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}  # what Windows gives a pipe
+    path = "/api/v1/devices/" + urllib.parse.quote(camera) + "/heartbeat"
+    with server_process("--port", 0, "--db", tmp_path / "fleetmon.db", "--devices", devices, "--down-after", "0.2s",
+                        env=env) as (_, port, printed, wait_for), \
+            closing(HTTPConnection("127.0.0.1", port, timeout=30)) as connection:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        assert http_request(connection, "POST", path, {"sent_at": now})[0] == 204
+        down = wait_for(" is down ")
+        assert http_request(connection, "POST", path, {"sent_at": now})[0] == 204
+        up = wait_for(" is up again ")
+    escaped = r"\u30ab\u30e1\u30e9-1"
+    assert down.startswith(f"fleetmon: {escaped} is down (last heard ") and up.startswith(f"fleetmon: {escaped} is up")
+    assert not any("Traceback" in line for line in printed if line)
+
+
+def test_the_simulators_table_prints_a_device_id_the_output_cannot_encode(tmp_path):
+    camera = "カメラ-1"
+    devices = devices_file(tmp_path, camera)
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    with server_process("--port", 0, "--db", tmp_path / "fleetmon.db", "--devices", devices) as (_, port, _, _):
+        run = subprocess.run([sys.executable, str(HERE / "simulator.py"), "--url", f"http://127.0.0.1:{port}",
+                              "--devices", str(devices)], capture_output=True, env=env, timeout=120, check=False)
+    assert run.returncode in (0, 1), run.stderr  # 1: no published result to check for this device
+    assert rb"\u30ab\u30e1\u30e9-1 " in run.stdout and b"Traceback" not in run.stderr
