@@ -323,9 +323,10 @@ def upgrade(db: sqlite3.Connection, database: Path, schema: str, announce=print)
     is_new = version == 0 and not db.execute("SELECT 1 FROM sqlite_schema WHERE name = 'heartbeat_minutes'").fetchone()
     if version == SCHEMA_VERSION or is_new:
         return None
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # what an earlier fleetmon left in its log, in the file
     size = database.stat().st_size
-    # From the first layout every row is rewritten: with secure_delete off (below), the
-    # disk's free space fell by 0.62 times the file's size at most (benchmark.py, upgrade).
+    # From the first layout every row is rewritten: with secure_delete off (below), what
+    # that takes of the disk is in OPERATING.md, "Upgrades", as benchmark.py measures it.
     needed = size * 3 // 4 if version == 0 else size // 10
     free = shutil.disk_usage(database.parent).free
     if free < needed:
