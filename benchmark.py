@@ -1782,7 +1782,7 @@ def main(argv: list[str] | None = None) -> None:
     # Whatever else the machine runs takes CPU from the servers and moves every figure.
     print(f"fleetmon benchmark{' (quick)' if args.quick else ''}: {os.cpu_count()} cores, {load_average()}, "
           f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, "
-          f"waitress {version('waitress')} with {FLOOR_THREADS} worker thread(s)")
+          f"waitress {version('waitress')} with {FLOOR_THREADS} worker thread(s) for the devices' requests")
     if against:
         print(f"earlier: the fleetmon of {earlier_label(against)}")
     sections = [

@@ -1,8 +1,9 @@
 """The fleet: its API (the devices by status, one device with its outages) and its pages
 for a browser (the fleet, a page per device), on the same URLs, by what the client accepts.
 
-The one worker renders pages and stores telemetry in turn, so a page reads along indexes:
-its cost must not grow with the fleet.
+A page has a worker of its own, beside the devices' (connections.Lanes), but shares the
+GIL and the disk with them, so a page reads along indexes: its cost must not grow with
+the fleet.
 """
 
 import json

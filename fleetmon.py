@@ -849,7 +849,7 @@ def serve(app: Flask, listener: socket.socket, announce=print) -> None:
         listening = True
         # What the start built lives as long as the server, the devices' ids above all: out
         # of the garbage collector's sight, a full collection at 100,000 devices holds the
-        # one worker up for 0.01 ms rather than 14 ms.
+        # workers up for 0.01 ms rather than 14 ms.
         gc.freeze()
         running.callback(gc.unfreeze)
         server.run()  # until Ctrl+C, which it catches

@@ -124,6 +124,39 @@ def test_stock_waitress_still_closes_the_connection_after_a_204():
     assert b"Connection: close" in answer
 
 
+def test_a_device_is_answered_while_a_page_is_still_being_made(app):
+    """The devices' requests have a worker of their own: a heartbeat is stored and
+    answered while a page holds the other worker."""
+    page_begun, page_may_end = threading.Event(), threading.Event()
+
+    def slow_page():
+        page_begun.set()
+        page_may_end.wait(30)
+        return "the page"
+
+    app.add_url_rule("/slow-page", view_func=slow_page)
+    with waitress_server(app) as port, closing(HTTPConnection("127.0.0.1", port, timeout=30)) as browser, \
+            closing(HTTPConnection("127.0.0.1", port, timeout=10)) as device:
+        browser.request("GET", "/slow-page")
+        assert page_begun.wait(10)
+        try:
+            assert http_request(device, "POST", *heartbeat(SENT_AT)) == (204, b"")
+            assert http_request(device, "GET", stats_url()) == (200, b'{"avg_upload_time":"0s","uptime":100.0}\n')
+            assert not page_may_end.is_set()
+        finally:
+            page_may_end.set()
+        response = browser.getresponse()
+        assert (response.status, response.read()) == (200, b"the page")
+    assert stored_minutes(app) == [fleetmon.utc_minute(SENT_AT)]
+
+
+def test_a_request_is_served_in_its_lane_whatever_its_path():
+    assert [connections.is_contract_request(path) for path in (
+        "/api/v1/devices/cam-1/heartbeat", "/api/v1/devices/cam-1/stats", "/api/v1/devices/cam-1", "/",
+        "/devices/cam-1", "/metrics", "/api/v1/devices",
+    )] == [True, True, False, False, False, False, False]
+
+
 def test_hundreds_of_idle_and_slow_connections_do_not_lock_clients_out(app):
     with waitress_server(app) as port, ExitStack() as sockets:
         for number in range(400):
