@@ -475,7 +475,7 @@ def init_storage(app: Flask, device_ids: frozenset[str]) -> None:
 
 def list_devices(db: sqlite3.Connection, device_ids: frozenset[str]) -> dict[str, int]:
     """Give each device of the devices file its row, mark which devices it lists now, and
-    return their keys: writes name a device by its key, an integer, not its text id.
+    return their keys, in id order: writes name a device by its key, an integer, not its text id.
     Writes nothing where nothing changed, so that a start needs no free disk space."""
     ids = json.dumps(sorted(device_ids))
     with transaction(db):
@@ -483,7 +483,7 @@ def list_devices(db: sqlite3.Connection, device_ids: frozenset[str]) -> dict[str
                    " ON CONFLICT (device_id) DO UPDATE SET listed = 1 WHERE NOT listed", (ids,))
         db.execute("UPDATE devices SET listed = 0 WHERE listed AND device_id NOT IN (SELECT value FROM json_each(?))",
                    (ids,))
-    return dict(db.execute("SELECT device_id, device_key FROM devices WHERE listed").fetchall())
+    return dict(db.execute("SELECT device_id, device_key FROM devices WHERE listed ORDER BY device_id").fetchall())
 
 
 class ConnectionPool:

@@ -226,7 +226,7 @@ def test_the_fleet_page_comes_50_rows_a_page_and_filters_by_id(tmp_path):
         assert "10 devices match" in filtered
         assert summary(filtered) == {"Matching devices": "10", "Down": "0", "Up": "1", "Never heard": "9"}
         assert listed_ids(fleet_page(client, "?q=nothing-like-it")) == []
-        everyone = fleet_page(client, "?q=CA")  # every device matches: the whole fleet's page
+        everyone = fleet_page(client, "?q=CA")  # every device matches: the one heard, then the rest by id
         assert (listed_ids(everyone), summary(everyone)["Matching devices"]) == (listed_ids(pages[0]), "120")
         assert listed_ids(fleet_page(client, "?q=CAMÉRA-SS")) == ["caméra-ß"]  # case folded, not only ASCII
         assert listed_ids(fleet_page(client, "?q=cam_0")) == listed_ids(fleet_page(client, "?q=%25")) == []
@@ -235,18 +235,36 @@ def test_the_fleet_page_comes_50_rows_a_page_and_filters_by_id(tmp_path):
         assert client.get("/?q=" + "x" * 201, headers=HTML).get_json() == {"msg": "q must be at most 200 characters"}
 
 
-def test_a_filter_matching_many_devices_picks_them_out_along_the_index_in_the_same_order(tmp_path, monkeypatch):
-    with open_app(tmp_path / "fleet.db", devices_file(tmp_path, *(f"cam-{n:03d}" for n in range(30)), "dog")) as app:
+def test_a_filters_matches_come_down_first_then_up_then_never_heard_each_by_id(tmp_path, monkeypatch):
+    wall = WallClock(monkeypatch)
+    with open_app(tmp_path / "fleet.db", devices_file(tmp_path, *(f"cam-{n}" for n in range(10)), "dog-1")) as app:
         client = app.test_client()
-        for n in range(0, 30, 3):
-            send(client, *(heartbeat(minute_of_day(minute), f"cam-{n:03d}") for minute in range(0, n + 2, 2)))
-        sorted_matches = listed_ids(fleet_page(client, "?q=cam"))
-        assert sorted_matches == [device_id for device_id in listed_ids(fleet_page(client)) if device_id != "dog"]
-        monkeypatch.setattr(fleet, "FILTER_SORTS_UP_TO", 0)
-        assert listed_ids(fleet_page(client, "?q=cam")) == sorted_matches
-        monkeypatch.setattr(fleet, "FLEET_PAGE_ROWS", 4)
-        assert [listed_ids(fleet_page(client, f"?q=cam&page={page}")) for page in range(1, 9)] == [
-            sorted_matches[start:start + 4] for start in range(0, 30, 4)]
+        with watching(app, down_after=60) as watched:
+            send(client, heartbeat(SENT_AT, "cam-7"))
+            for heard in (["cam-2", "cam-5", "cam-1", "dog-1"], ["cam-5", "cam-1", "dog-1"], ["cam-5", "cam-1"]):
+                wall.ms += 30_000  # cam-7 is down at 60 s, cam-2 at 90 s
+                check_after(watched, 30)
+                send(client, *(heartbeat(SENT_AT, device_id) for device_id in heard))
+            in_order = ["cam-7", "cam-2", "cam-1", "cam-5", "cam-0", "cam-3", "cam-4", "cam-6", "cam-8", "cam-9"]
+            filtered = fleet_page(client, "?q=CAM")
+            assert listed_ids(filtered) == in_order
+            assert "Matching devices: down first, longest down first; then up, then never heard, each by id." in filtered
+            assert summary(filtered) == {
+                "Matching devices": "10", "Down": "2", "Up": "2", "Never heard": "6"}
+            monkeypatch.setattr(fleet, "FLEET_PAGE_ROWS", 4)
+            assert [listed_ids(fleet_page(client, f"?q=cam&page={page}")) for page in (1, 2, 3, 4)] == [
+                in_order[:4], in_order[4:8], in_order[8:], in_order[8:]]  # past the end: the last
+
+
+def test_the_fleet_page_walks_its_index_from_the_nearer_end(tmp_path, monkeypatch):
+    with open_app(tmp_path / "fleet.db", devices_file(tmp_path, *(f"cam-{n:02d}" for n in range(11)))) as app:
+        client = app.test_client()
+        for n in range(0, 11, 2):
+            send(client, *(heartbeat(minute_of_day(minute), f"cam-{n:02d}") for minute in range(0, n + 2, 2)))
+        whole = listed_ids(fleet_page(client))
+        monkeypatch.setattr(fleet, "FLEET_PAGE_ROWS", 3)
+        assert [listed_ids(fleet_page(client, f"?page={page}")) for page in (1, 2, 3, 4)] == [
+            whole[:3], whole[3:6], whole[6:9], whole[9:]]
 
 
 @pytest.fixture(scope="module")
