@@ -9,6 +9,7 @@ which refuses that alert for good: it is kept, marked refused, told once, and th
 one goes.
 """
 
+import argparse
 import http.client
 import json
 import socket
@@ -228,3 +229,20 @@ class AlertDelivery:
         with self._socket_lock:
             self._stopped = True
         self.abort()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--alert-url", type=web_url, metavar="URL", help="POST each change of status here as JSON "
+                        "(a Slack or Mattermost incoming webhook shows its text)")
+
+
+def web_url(text: str) -> str:
+    """--alert-url: an http or https URL with a host."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an address that is no URL, such as http://[::1/hook
+        usable = False
+    if not usable:
+        raise argparse.ArgumentTypeError("must be an http:// or https:// URL with a host, like https://example.com/hook")
+    return text

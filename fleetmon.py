@@ -22,8 +22,6 @@ import errno
 import gc
 import io
 import json
-import math
-import os
 import re
 import shutil
 import signal
@@ -32,7 +30,6 @@ import sqlite3
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -363,24 +360,18 @@ def upgrade(db: sqlite3.Connection, database: Path, schema: str, announce=print)
     finally:
         db.set_progress_handler(None, 0)
     written = db.total_changes - changes_before
-    try:
-        give_space_back(db)
+    try:  # the space it freed: the log emptied into the file, and the file rewritten without the free pages
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        free, pages = db.execute("SELECT * FROM pragma_freelist_count, pragma_page_count").fetchone()
+        if free * 2 > pages:
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except sqlite3.Error as error:  # upgraded all the same
         announce(f"fleetmon: upgraded, but could not give back the space the upgrade freed ({error}); "
                  "sqlite3's VACUUM does it")
     return (f"upgraded database {database} from schema version {version} to {SCHEMA_VERSION}: "
             f"{written:,} rows written in {time.monotonic() - started:.1f} s, "
             f"{size / 2**20:,.1f} MiB before, {database.stat().st_size / 2**20:,.1f} MiB after")
-
-
-def give_space_back(db: sqlite3.Connection) -> None:
-    """Empty the write-ahead log into the database and, where an upgrade left most of the
-    file's pages free, rewrite it without them (VACUUM)."""
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    free, pages = db.execute("SELECT * FROM pragma_freelist_count, pragma_page_count").fetchone()
-    if free * 2 > pages:
-        db.execute("VACUUM")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def split_statements(script: str) -> list[str]:
@@ -397,51 +388,34 @@ def split_statements(script: str) -> list[str]:
 class DatabaseLock:
     """One fleetmon per database: a lock on the file `<database>.lock`, which the
     operating system releases when its holder exits, however it exits (kill -9 too).
-
-    The file is removed when the lock is released. Whoever opened it just before then
-    finds, once it holds a lock, that the path names another file or none, and tries again.
-    """
+    The file stays between holders."""
 
     def __init__(self, database: Path):
         self.path = database.with_name(database.name + ".lock")
         self._file = None
 
     def acquire(self) -> None:
-        while True:
-            file = open(self.path, "a+b")  # noqa: SIM115 (held open while the lock is held)
-            try:
-                _lock_whole_file(file)
-                if os.path.samestat(os.fstat(file.fileno()), os.stat(self.path)):
-                    self._file = file
-                    return
-            except OSError:
-                file.close()
-                raise StartupError(f"database {self.path.with_suffix('')} is in use by another fleetmon "
-                                   "(--db chooses another)") from None
+        file = open(self.path, "a+b")  # noqa: SIM115 (held open while the lock is held)
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                file.seek(0)
+                msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             file.close()
+            raise StartupError(f"database {self.path.with_suffix('')} is in use by another fleetmon "
+                               "(--db chooses another)") from None
+        self._file = file
 
     def release(self) -> None:
-        if self._file is None:
-            return
-        try:
-            self.path.unlink()  # while held: no one else can be holding the file it names
-        except OSError:
-            pass  # on Windows an open file stays; the next holder uses it as it is
-        self._file.close()
-        self._file = None
-
-
-def _lock_whole_file(file) -> None:
-    """Take the file's lock without waiting, or raise OSError."""
-    if sys.platform == "win32":
-        import msvcrt
-
-        file.seek(0)
-        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
-    else:
-        import fcntl
-
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def init_storage(app: Flask, device_ids: frozenset[str]) -> None:
@@ -537,14 +511,6 @@ def release_db(error: BaseException | None) -> None:
         current_app.extensions["fleetmon.pool"].give_back(db)
 
 
-def discard_db() -> None:
-    """Close the request's connection instead: after a database error the next request
-    starts afresh (once a full disk is freed, or a read-only file made writable)."""
-    db = g.pop("db", None)
-    if db is not None:
-        db.close()
-
-
 def store(db: sqlite3.Connection, insert: str, arguments: tuple, device_key: int) -> None:
     """Store telemetry with one INSERT into a view of schema.sql, whose trigger refuses
     what must not be stored: telemetry from before the device's kept history (it may be
@@ -619,7 +585,10 @@ def unexpected_error(error: Exception):
                              exc_info=error if kind not in seen else None)
     seen.add(kind)
     if isinstance(error, sqlite3.Error):
-        discard_db()
+        # Closed, not given back: the next request starts afresh (once a full disk is
+        # freed, or a read-only file made writable).
+        if "db" in g:
+            g.pop("db").close()
         if error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
             make_room(current_app.config["DATABASE"])
     return error_as_json(InternalServerError())
@@ -797,16 +766,6 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-@contextmanager
-def stopping_on_sigterm() -> Iterator[None]:
-    """SIGTERM, what a service manager sends to stop, ends the server as Ctrl+C does."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def serve(app: Flask, listener: socket.socket, announce=print) -> None:
     """Serve app with waitress on listener until Ctrl+C or SIGTERM, with the monitor's
     work beside it, telling what it does. Closes listener.
@@ -830,7 +789,9 @@ def serve(app: Flask, listener: socket.socket, announce=print) -> None:
         if listening:
             announce("fleetmon: stopped")
 
-    with ExitStack() as running, stopping_on_sigterm():
+    with ExitStack() as running:
+        # SIGTERM, what a service manager sends to stop, ends the server as Ctrl+C does.
+        running.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, signal.default_int_handler))
         running.callback(tell_stopped)  # the last line
         running.callback(server.close)
         for start in app.extensions["fleetmon.background"]:
@@ -858,21 +819,6 @@ def serve(app: Flask, listener: socket.socket, announce=print) -> None:
 # --- main -----------------------------------------------------------------------------
 
 
-def seconds_argument(text: str) -> float:
-    """--down-after: seconds, or a number with s, m or h."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
-    try:
-        seconds = float(number) * unit
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a time: give seconds, or a number with s, m or h, like 5m")
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not more than no time at all: give a time like 5m")
-    return seconds
-
-
 def whole_number(low: int, high: int, what: str):
     """An argparse type: a whole number from low to high, or "'text' is not {what}"."""
     def parse(text: str) -> int:
@@ -880,18 +826,6 @@ def whole_number(low: int, high: int, what: str):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return int(text)
     return parse
-
-
-def web_url(text: str) -> str:
-    """--alert-url: an http or https URL with a host."""
-    try:
-        parts = urllib.parse.urlsplit(text)
-        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # an address that is no URL, such as http://[::1/hook
-        usable = False
-    if not usable:
-        raise argparse.ArgumentTypeError("must be an http:// or https:// URL with a host, like https://example.com/hook")
-    return text
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -916,15 +850,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=Path, default=DEFAULT_DEVICES_CSV,
                         help="devices CSV (default: beside fleetmon.py)")
     parser.add_argument("--db", type=Path, default=DEFAULT_DATABASE, help="SQLite database (default: beside fleetmon.py)")
-    parser.add_argument("--down-after", type=seconds_argument, default=DEFAULT_DOWN_AFTER_SECONDS, metavar="TIME",
-                        help="a device not heard for this long is down: seconds, or with s, m or h (default 5m)")
-    parser.add_argument("--alert-url", type=web_url, metavar="URL", help="POST each change of status here as JSON "
-                        "(a Slack or Mattermost incoming webhook shows its text)")
-    parser.add_argument("--keep-days", type=whole_number(1, 100_000, "a whole number of days, 1 or more"), metavar="N", help="prune raw telemetry more than N days "
-                        "older than each device's newest (default: keep everything); stats are kept whole")
-    import access  # the operator's options, and what they allow
+    import access  # the monitor's options, each with the module it is for
+    import alerts
+    import retention
+    import status
 
-    access.add_arguments(parser)
+    for module in (status, alerts, retention, access):
+        module.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         operators = access.operator_settings(args)

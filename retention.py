@@ -13,10 +13,11 @@ write lock for long: the requests in between get it. It looks only at the device
 since it last looked, so an idle fleetmon costs nothing whatever the fleet's size.
 """
 
+import argparse
 import sqlite3
 import threading
 
-from fleetmon import FIRST_MINUTE
+from fleetmon import FIRST_MINUTE, whole_number
 
 ROWS_PER_STEP = 500
 
@@ -98,3 +99,9 @@ class Pruning:
             "DELETE FROM outages WHERE (device_key, started_ms) IN (SELECT device_key, started_ms FROM outages"
             " WHERE ended_ms < ? ORDER BY ended_ms LIMIT ?)", (before_ms, ROWS_PER_STEP)).rowcount
         return deleted > 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-days", type=whole_number(1, 100_000, "a whole number of days, 1 or more"), metavar="N",
+                        help="prune raw telemetry more than N days older than each device's newest (default: keep "
+                        "everything); stats are kept whole")

@@ -7,13 +7,15 @@ A device heard again after an outage is up again in the same statement that stor
 telemetry (schema.sql, note_up_again); going down is the watch's to notice.
 """
 
+import argparse
+import math
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
 
 import alerts
-from fleetmon import transaction
+from fleetmon import DEFAULT_DOWN_AFTER_SECONDS, transaction
 
 # A device's status, as a condition on its row in `devices`: the one definition that the
 # lists, the pages, the counts and the metrics use.
@@ -116,3 +118,23 @@ class Watch:
         if changes:
             self.wake_delivery.set()
         return changes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--down-after", type=seconds_argument, default=DEFAULT_DOWN_AFTER_SECONDS, metavar="TIME",
+                        help="a device not heard for this long is down: seconds, or with s, m or h (default 5m)")
+
+
+def seconds_argument(text: str) -> float:
+    """--down-after: seconds, or a number with s, m or h."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time: give seconds, or a number with s, m or h, like 5m")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not more than no time at all: give a time like 5m")
+    return seconds

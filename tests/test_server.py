@@ -32,6 +32,7 @@ import activity
 import connections
 import fleetmon
 import housekeeping
+import status
 from conftest import (
     DEVICE,
     DEVICES_CSV,
@@ -451,7 +452,7 @@ def test_no_connection_in_the_middle_of_a_request_is_shed(small_app):
 
 @pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("5m", 300), ("1.5h", 5400), ("90", 90), ("0.5", 0.5)])
 def test_down_after_takes_seconds_or_a_unit(text, seconds):
-    assert fleetmon.seconds_argument(text) == seconds
+    assert status.seconds_argument(text) == seconds
 
 
 NOT_A_TIME = "is not a time: give seconds, or a number with s, m or h, like 5m"
