@@ -15,13 +15,11 @@ all of this itself, and fleetmon sees only the proxy's few connections.
 - Idleness is timed by the monotonic clock, which no change of the wall clock moves.
 - The contract's requests have a worker of their own, and everything else (pages, the
   fleet's API, /metrics, the docs) another (Lanes): a device never waits behind a page.
-  While serving, the GIL changes hands more often (FleetmonServer.run).
 """
 
 import json
 import logging
 import socket
-import sys
 import time
 import warnings
 from operator import attrgetter
@@ -182,9 +180,11 @@ class Lanes:
         lane = self.contract if is_contract_request(getattr(channel.requests[0], "path", "")) else self.rest
         lane.add_task(channel)
 
-    def shutdown(self, cancel_pending: bool = True, timeout: float = 5) -> bool:
-        rest_stopped = self.rest.shutdown(cancel_pending, timeout)
-        return self.contract.shutdown(cancel_pending, timeout) and rest_stopped
+    def shutdown(self, cancel_pending: bool = True, timeout: float = 5) -> None:
+        for lane in (self.contract, self.rest):
+            lane.set_thread_count(0)  # both told to stop before either is waited for
+        for lane in (self.contract, self.rest):
+            lane.shutdown(cancel_pending, timeout)
 
 
 class FleetmonServer(TcpWSGIServer):
@@ -193,17 +193,9 @@ class FleetmonServer(TcpWSGIServer):
 
     channel_class = FleetmonChannel
 
-    def run(self) -> None:
-        # A page of a large fleet is tens of milliseconds of Python, in its own lane. Each
-        # time the devices' lane asks for the GIL beside it, it waits up to the switch
-        # interval: at Python's 5 ms, heartbeats beside four open tabs at 100,000 devices
-        # had p99 57-76 ms; at 1 ms, 42-51 ms (benchmark.py, section 10).
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(0.001)
-        try:
-            super().run()
-        finally:
-            sys.setswitchinterval(previous)
+    def close(self) -> None:
+        self.task_dispatcher.shutdown()  # its workers first, whether or not it ran
+        super().close()
 
     def maintenance(self, now: float) -> None:
         super().maintenance(now)  # channel_timeout
@@ -263,7 +255,7 @@ class FleetmonServer(TcpWSGIServer):
 def create_server(app: Flask, listener: socket.socket, **settings) -> FleetmonServer:
     """A waitress server for app on a listening socket, with SETTINGS (and these) and
     fleetmon's channel. Closes listener if it cannot be made."""
-    # With a worker a lane requests queue by design; waitress would warn of every queue.
+    # With one worker a lane, requests queue by design; waitress would warn of every queue.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():

@@ -48,7 +48,9 @@ DEVICE_STRIP_CELL_MINUTES = 60
 QUARTER = (1 << 15) - 1  # the minutes of a quarter hour, as bits of an hour's
 # The fleet page's order, as the index devices_by_concern of schema.sql has it, so that a
 # page of it is a walk along that index.
-BY_CONCERN = "down_since_ms IS NULL, down_since_ms, online_minutes = 0 AND upload_count = 0, uptime, device_id"
+CONCERN_TERMS = ("down_since_ms IS NULL", "down_since_ms", "online_minutes = 0 AND upload_count = 0", "uptime", "device_id")
+BY_CONCERN = ", ".join(CONCERN_TERMS)
+BACKWARDS = ", ".join(f"{term} DESC" for term in CONCERN_TERMS)
 
 fleet = Blueprint("fleet", __name__)
 
@@ -213,10 +215,12 @@ def matches_by_status(db: sqlite3.Connection, needle: str) -> tuple[list[int], l
     down first; those up and those never heard, by id."""
     folded_ids = current_app.config["FOLDED_IDS"]
     matches = [key for key, folded_id in folded_ids.items() if needle in folded_id]
-    # The few down and never heard, from their small indexes.
-    down = [key for (key,) in db.execute(f"SELECT device_key FROM devices WHERE {STATUSES['down']} AND listed"
-                                         " ORDER BY down_since_ms") if needle in folded_ids[key]]
+    # The few never heard and down, from their small indexes; never heard comes first, as
+    # status_of() has it.
     never_heard = {key for (key,) in db.execute(f"SELECT device_key FROM devices WHERE {STATUSES['never']} AND listed")}
+    down = [key for (key,) in db.execute(f"SELECT device_key FROM devices WHERE {STATUSES['down']} AND listed"
+                                         " ORDER BY down_since_ms, device_id")
+            if needle in folded_ids[key] and key not in never_heard]
     not_up = never_heard.union(down)
     return down, [key for key in matches if key not in not_up], [key for key in matches if key in never_heard]
 
@@ -234,12 +238,11 @@ def walk_by_concern(db: sqlite3.Connection, offset: int, devices: int) -> list[s
     walked along the index from whichever end is nearer: the last page of 100,000
     devices took 15 ms from the front."""
     after = devices - offset - FLEET_PAGE_ROWS  # how many come after the page
-    if offset <= after:
+    if offset <= max(0, after):
         return db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern WHERE listed"
                           f" ORDER BY {BY_CONCERN} LIMIT ? OFFSET ?", (FLEET_PAGE_ROWS, offset)).fetchall()
-    backwards = ", ".join(f"{term} DESC" for term in BY_CONCERN.split(", "))
     rows = db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern WHERE listed"
-                      f" ORDER BY {backwards} LIMIT ? OFFSET ?", (FLEET_PAGE_ROWS + min(0, after), max(0, after))).fetchall()
+                      f" ORDER BY {BACKWARDS} LIMIT ? OFFSET ?", (FLEET_PAGE_ROWS + min(0, after), max(0, after))).fetchall()
     return rows[::-1]
 
 

@@ -103,7 +103,7 @@ CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (at_ms);
 -- How telemetry is stored: fleetmon.py inserts one row into one of these views, and the
 -- view's trigger does the rest inside that one statement, so that it commits all or
 -- nothing, refusals included (RAISE rolls the statement back). One statement a request
--- also keeps the worker from giving up Python's GIL to waitress's socket thread between
+-- also keeps the devices' worker from giving up Python's GIL to waitress's socket thread between
 -- statements, which costs more than the statements: the same writes as five statements
 -- from Python had 0.60-0.80 times the throughput (benchmark.py, closed loop).
 

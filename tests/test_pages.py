@@ -28,6 +28,8 @@ from conftest import (
     listed_ids,
     minute_of_day,
     open_app,
+    query,
+    restarted,
     send,
     send_day,
     stats_url,
@@ -237,20 +239,24 @@ def test_the_fleet_page_comes_50_rows_a_page_and_filters_by_id(tmp_path):
 
 def test_a_filters_matches_come_down_first_then_up_then_never_heard_each_by_id(tmp_path, monkeypatch):
     wall = WallClock(monkeypatch)
-    with open_app(tmp_path / "fleet.db", devices_file(tmp_path, *(f"cam-{n}" for n in range(10)), "dog-1")) as app:
-        client = app.test_client()
+    fleet_ids = [f"cam-{n}" for n in range(1, 10)] + ["dog-1"]
+    with open_app(tmp_path / "fleet.db", devices_file(tmp_path, *fleet_ids)) as first, \
+            restarted(first, devices_file(tmp_path, *fleet_ids, "cam-0", "cam-00", name="more.csv")) as app:
+        client = app.test_client()  # cam-0 and cam-00, listed last, have the highest keys
         with watching(app, down_after=60) as watched:
-            send(client, heartbeat(SENT_AT, "cam-7"))
+            send(client, heartbeat(SENT_AT, "cam-7"), heartbeat(SENT_AT, "cam-0"))  # down at the same moment
+            send(client, heartbeat(minute_of_day(0), "cam-5"), heartbeat(minute_of_day(10), "cam-5"))  # uptime 20 %
             for heard in (["cam-2", "cam-5", "cam-1", "dog-1"], ["cam-5", "cam-1", "dog-1"], ["cam-5", "cam-1"]):
-                wall.ms += 30_000  # cam-7 is down at 60 s, cam-2 at 90 s
+                wall.ms += 30_000  # cam-7 and cam-0 are down at 60 s, cam-2 at 90 s
                 check_after(watched, 30)
                 send(client, *(heartbeat(SENT_AT, device_id) for device_id in heard))
-            in_order = ["cam-7", "cam-2", "cam-1", "cam-5", "cam-0", "cam-3", "cam-4", "cam-6", "cam-8", "cam-9"]
+            in_order = ["cam-0", "cam-7", "cam-2", "cam-1", "cam-5",
+                        "cam-00", "cam-3", "cam-4", "cam-6", "cam-8", "cam-9"]
             filtered = fleet_page(client, "?q=CAM")
             assert listed_ids(filtered) == in_order
             assert "Matching devices: down first, longest down first; then up, then never heard, each by id." in filtered
-            assert summary(filtered) == {
-                "Matching devices": "10", "Down": "2", "Up": "2", "Never heard": "6"}
+            assert summary(filtered) == {"Matching devices": "11", "Down": "3", "Up": "2", "Never heard": "6"}
+            assert listed_ids(fleet_page(client))[3:5] == ["cam-5", "cam-1"]  # unfiltered: the worst uptime first
             monkeypatch.setattr(fleet, "FLEET_PAGE_ROWS", 4)
             assert [listed_ids(fleet_page(client, f"?q=cam&page={page}")) for page in (1, 2, 3, 4)] == [
                 in_order[:4], in_order[4:8], in_order[8:], in_order[8:]]  # past the end: the last
@@ -261,10 +267,23 @@ def test_the_fleet_page_walks_its_index_from_the_nearer_end(tmp_path, monkeypatc
         client = app.test_client()
         for n in range(0, 11, 2):
             send(client, *(heartbeat(minute_of_day(minute), f"cam-{n:02d}") for minute in range(0, n + 2, 2)))
-        whole = listed_ids(fleet_page(client))
+        in_order = [device_id for (device_id,) in query(app, f"SELECT device_id FROM devices ORDER BY {fleet.BY_CONCERN}")]
+        statements, get_db = [], fleet.get_db
+
+        def traced_db():
+            db = get_db()
+            db.set_trace_callback(statements.append)
+            return db
+
+        monkeypatch.setattr(fleet, "get_db", traced_db)
         monkeypatch.setattr(fleet, "FLEET_PAGE_ROWS", 3)
-        assert [listed_ids(fleet_page(client, f"?page={page}")) for page in (1, 2, 3, 4)] == [
-            whole[:3], whole[3:6], whole[6:9], whole[9:]]
+        pages, backwards = [], []
+        for page in (1, 2, 3, 4, 5):
+            statements.clear()
+            pages.append(listed_ids(fleet_page(client, f"?page={page}")))
+            backwards.append(any(fleet.BACKWARDS in statement for statement in statements))
+        assert pages == [in_order[:3], in_order[3:6], in_order[6:9], in_order[9:], in_order[9:]]
+        assert backwards == [False, False, True, True, True]
 
 
 @pytest.fixture(scope="module")
