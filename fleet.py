@@ -215,12 +215,13 @@ def matches_by_status(db: sqlite3.Connection, needle: str) -> tuple[list[int], l
     down first; those up and those never heard, by id."""
     folded_ids = current_app.config["FOLDED_IDS"]
     matches = [key for key, folded_id in folded_ids.items() if needle in folded_id]
-    # The few never heard and down, from their small indexes; never heard comes first, as
-    # status_of() has it.
+    # The few never heard and down, from their small indexes alone; never heard comes
+    # first, as status_of() has it.
     never_heard = {key for (key,) in db.execute(f"SELECT device_key FROM devices WHERE {STATUSES['never']} AND listed")}
-    down = [key for (key,) in db.execute(f"SELECT device_key FROM devices WHERE {STATUSES['down']} AND listed"
-                                         " ORDER BY down_since_ms, device_id")
-            if needle in folded_ids[key] and key not in never_heard]
+    down_since = db.execute(f"SELECT device_key, down_since_ms FROM devices WHERE {STATUSES['down']} AND listed")
+    # Longest down first; those down since the same moment by id, case folded.
+    down = [key for _, _, key in sorted((since, folded_ids[key], key) for key, since in down_since
+                                         if needle in folded_ids[key] and key not in never_heard)]
     not_up = never_heard.union(down)
     return down, [key for key in matches if key not in not_up], [key for key in matches if key in never_heard]
 
