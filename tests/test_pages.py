@@ -260,6 +260,8 @@ def test_a_filters_matches_come_down_first_then_up_then_never_heard_each_by_id(t
             monkeypatch.setattr(fleet, "FLEET_PAGE_ROWS", 4)
             assert [listed_ids(fleet_page(client, f"?q=cam&page={page}")) for page in (1, 2, 3, 4)] == [
                 in_order[:4], in_order[4:8], in_order[8:], in_order[8:]]  # past the end: the last
+        # The ids were searched once for "cam", and remembered for the pages after.
+        assert app.extensions["fleet.matching"].cache_info()[:2] == (4, 1)  # hits, misses
 
 
 def test_the_fleet_page_walks_its_index_from_the_nearer_end(tmp_path, monkeypatch):
