@@ -157,7 +157,8 @@ SIGNAL_WAIT_SECONDS = 15
 NEVER_HEARD_SHARE = 0.03
 DOWN_SHARE = 0.02
 PAGE_HEARTBEAT_RATE = 500
-TAB_SETS = (("/", "/", "/?q=cam-0", "/?q=cam-042"), ("/?q=cam-",) * 4)
+# No tab first: what the heartbeats' latency is on this machine, then, beside it, the tabs'.
+TAB_SETS = ((), ("/", "/", "/?q=cam-0", "/?q=cam-042"), ("/?q=cam-",) * 4)
 TAB_PAUSE_SECONDS = 0.5
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,*/*;q=0.8"
 # Section 11: the first layout (schema version 0), a row per online minute and per upload,
@@ -1547,8 +1548,8 @@ def fleet_page_section(plan: Plan, workdir: Path) -> None:
     print(f"\n10. The fleet at {n:,} devices, built straight into the tables: a day of telemetry each, hours full, "
           f"partly online or missing, {DOWN_SHARE:.0%} down, {NEVER_HEARD_SHARE:.0%} never heard.")
     print(f"   Each page and list {plan.page_requests} times one after another; then {PAGE_HEARTBEAT_RATE} heartbeats/s "
-          f"paced for {plan.page_load_seconds:g} s while 4 tabs each reload a page {TAB_PAUSE_SECONDS:g} s after it "
-          "came: two plain and two filtered, then all four filtered to the whole fleet")
+          f"paced for {plan.page_load_seconds:g} s with no tab open, then while 4 tabs each reload a page "
+          f"{TAB_PAUSE_SECONDS:g} s after it came: two plain and two filtered, then all four filtered to the whole fleet")
     device_ids = [f"cam-{number:05d}" for number in range(n)]
     devices_csv = write_devices_csv(workdir / "cameras.csv", device_ids)
     database = new_database(workdir, "cameras", devices_csv)
@@ -1595,7 +1596,8 @@ def fleet_page_section(plan: Plan, workdir: Path) -> None:
             tabs = tuple(http_request("GET", path, accept=BROWSER_ACCEPT) for path in paths)
             result = generate_load(OpenLoop(port, schedule, tabs=tabs, tab_pause=TAB_PAUSE_SECONDS))
             heartbeats = [o for o in result.outcomes if o.source < len(schedule)]
-            print(f"  heartbeats beside the tabs {', '.join(paths)}: {latencies_line(heartbeats)}; "
+            beside = f"beside the tabs {', '.join(paths)}" if paths else "with no tab open"
+            print(f"  heartbeats {beside}: {latencies_line(heartbeats)}; "
                   f"{against_claim(heartbeats)}")
             for number, path in enumerate(paths):
                 loads = [o for o in result.outcomes if o.source == len(schedule) + number]
