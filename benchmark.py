@@ -93,6 +93,7 @@ from typing import NamedTuple
 import connections
 import fleet
 import fleetmon
+import upgrades
 from simulator import PUBLISHED_DAYS, UPLOADS_A_DAY, simulated_day
 
 HERE = Path(__file__).resolve().parent
@@ -1056,7 +1057,7 @@ def build_first_layout(database: Path, device_ids: list[str], days: int) -> tupl
     arguments = {"first": FIRST_MINUTE, "minutes": days * HEARTBEATS_PER_DAY, "uploads": days * UPLOADS_A_DAY,
                  "every": MISSED_EVERY, "silent": SILENT_EVERY}
     with bulk_load(database) as db:
-        for statement in fleetmon.split_statements(FIRST_LAYOUT_TABLES):
+        for statement in upgrades.split_statements(FIRST_LAYOUT_TABLES):
             db.execute(statement)
         # Numbered in id order, the heartbeats' key order: each goes in at the end, and the
         # pages fill, where a file that took them a minute at a time has them part full.
@@ -1086,7 +1087,7 @@ def build_first_layout(database: Path, device_ids: list[str], days: int) -> tupl
             "            FROM heartbeat_minutes GROUP BY device_id) USING (device_id)"
             " LEFT JOIN (SELECT device_id, count(*) AS sent, sum(upload_time_ns) AS total"
             "            FROM uploads GROUP BY device_id) USING (device_id)")
-        for statement in fleetmon.split_statements(FIRST_LAYOUT_TRIGGERS):
+        for statement in upgrades.split_statements(FIRST_LAYOUT_TRIGGERS):
             db.execute(statement)
     return heartbeats, uploads
 

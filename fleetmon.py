@@ -8,7 +8,8 @@ the three views, the app factory, serving on waitress, and main.
 
 What an operator needs around it (who is down, alerts, retention, the fleet's pages,
 metrics, the docs) lives in modules beside this one, each named for what it is, and is
-wired in by create_app, as Flask's tutorial registers its blueprints.
+wired in by create_app, as Flask's tutorial registers its blueprints. A database of an
+earlier fleetmon is brought up to date by upgrades.py, at the start.
 
     python fleetmon.py             serve (see --help)
     python simulator.py            drive it with the vendor's simulated day
@@ -23,7 +24,6 @@ import gc
 import io
 import json
 import re
-import shutil
 import signal
 import socket
 import sqlite3
@@ -257,15 +257,12 @@ def load_device_ids(path: Path) -> frozenset[str]:
 # --- Storage --------------------------------------------------------------------------
 
 SCHEMA_VERSION = 3
-MIGRATIONS = HERE / "migrations"
 # How long a statement waits for another connection's write lock before it fails. A
 # write holds it for microseconds, a checkpoint or a pruning step for milliseconds.
 BUSY_TIMEOUT_SECONDS = 10
 # The write-ahead log is cut back to this size whenever a checkpoint empties it, so that
 # a burst (or a full disk that held checkpoints back) does not leave it large for good.
 WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
-# A long upgrade says it is still at work this often.
-UPGRADE_PROGRESS_SECONDS = 10
 # Connections kept open between requests; more than waitress's worker threads, so that
 # `flask run`, with a thread a request, reuses them too.
 IDLE_CONNECTIONS_KEPT = 8
@@ -305,84 +302,6 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 def schema_version(db: sqlite3.Connection) -> int:
     return db.execute("PRAGMA user_version").fetchone()[0]
-
-
-def upgrade(db: sqlite3.Connection, database: Path, schema: str, announce=print) -> str | None:
-    """Bring a database written by an earlier fleetmon to SCHEMA_VERSION: each step the
-    SQL of migrations/N.sql, then schema (schema.sql) for what the steps leave to it, all
-    in one transaction, so that no one sees a step without the rest; then give back the
-    space it freed. Returns a line to tell, if it did."""
-    version = schema_version(db)
-    if version > SCHEMA_VERSION:
-        raise StartupError(f"database {database} was written by a newer fleetmon (schema version {version}, "
-                           f"this one knows up to {SCHEMA_VERSION}); it is left as it was")
-    # Version 0 is the first layout, or a database that schema.sql is about to make.
-    is_new = version == 0 and not db.execute("SELECT 1 FROM sqlite_schema WHERE name = 'heartbeat_minutes'").fetchone()
-    if version == SCHEMA_VERSION or is_new:
-        return None
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # what an earlier fleetmon left in its log, in the file
-    size = database.stat().st_size
-    # From the first layout every row is rewritten: with secure_delete off (below), what
-    # that takes of the disk is in OPERATING.md, "Upgrades", as benchmark.py measures it.
-    needed = size * 3 // 4 if version == 0 else size // 10
-    free = shutil.disk_usage(database.parent).free
-    if free < needed:
-        raise StartupError(f"upgrading database {database} from schema version {version} needs about "
-                           f"{needed / 2**20:,.0f} MiB free on its disk, and {free / 2**20:,.0f} MiB are; "
-                           "it is left as it was")
-    started, changes_before = time.monotonic(), db.total_changes
-    announce(f"fleetmon: upgrading database {database} ({size / 2**20:,.1f} MiB) from schema version {version}; "
-             "stopped before it is done, it is left as it was")
-    next_word = [started + UPGRADE_PROGRESS_SECONDS]
-
-    def tell_progress() -> int:
-        if time.monotonic() >= next_word[0]:
-            next_word[0] += UPGRADE_PROGRESS_SECONDS
-            announce(f"fleetmon: still upgrading, {time.monotonic() - started:.0f} s so far")
-        return 0  # go on
-
-    db.set_progress_handler(tell_progress, 1_000_000)
-    # Some builds of SQLite zero every page a DROP TABLE frees, through the write-ahead log:
-    # a copy of the old tables' size more. The VACUUM that follows leaves none of them.
-    db.execute("PRAGMA secure_delete = OFF")
-    try:
-        with transaction(db):
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in split_statements((MIGRATIONS / f"{step}.sql").read_text(encoding="utf-8")):
-                    db.execute(statement)
-            # Its PRAGMAs change nothing here: an earlier fleetmon's database is in WAL mode.
-            for statement in split_statements(schema):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    except sqlite3.Error as error:
-        raise StartupError(f"cannot upgrade database {database} from schema version {version}: {error}; "
-                           "it is left as it was") from None
-    finally:
-        db.set_progress_handler(None, 0)
-    written = db.total_changes - changes_before
-    try:  # the space it freed: the log emptied into the file, and the file rewritten without the free pages
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        free, pages = db.execute("SELECT * FROM pragma_freelist_count, pragma_page_count").fetchone()
-        if free * 2 > pages:
-            db.execute("VACUUM")
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    except sqlite3.Error as error:  # upgraded all the same
-        announce(f"fleetmon: upgraded, but could not give back the space the upgrade freed ({error}); "
-                 "sqlite3's VACUUM does it")
-    return (f"upgraded database {database} from schema version {version} to {SCHEMA_VERSION}: "
-            f"{written:,} rows written in {time.monotonic() - started:.1f} s, "
-            f"{size / 2**20:,.1f} MiB before, {database.stat().st_size / 2**20:,.1f} MiB after")
-
-
-def split_statements(script: str) -> list[str]:
-    """An SQL script's statements, one by one: executescript() would commit first."""
-    statements, pending = [], ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending)
-            pending = ""
-    return statements
 
 
 class DatabaseLock:
@@ -431,7 +350,9 @@ def init_storage(app: Flask, device_ids: frozenset[str]) -> None:
         with app.open_resource("schema.sql") as file:
             schema = file.read().decode("utf-8")
         with closing(connect(database)) as db:
-            app.config["UPGRADED"] = upgrade(db, database, schema)
+            import upgrades  # a database of an earlier fleetmon, brought up to SCHEMA_VERSION
+
+            app.config["UPGRADED"] = upgrades.upgrade(db, database, schema)
             db.executescript(schema)  # what a new database is made of; an upgraded one has it
             if schema_version(db) == 0:  # a new database
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

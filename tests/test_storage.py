@@ -17,6 +17,7 @@ import alerts
 import fleetmon
 import housekeeping
 import retention
+import upgrades
 from conftest import (
     DEVICE,
     HERE,
@@ -284,7 +285,7 @@ def test_an_earlier_version_is_upgraded_to_the_schema_a_new_database_gets(tmp_pa
     _, _, rows = everything_in(old)
     told = []
     with closing(fleetmon.connect(old)) as db:  # the upgrade's one transaction, without the start's after it
-        upgraded = fleetmon.upgrade(db, old, SCHEMA, announce=told.append)
+        upgraded = upgrades.upgrade(db, old, SCHEMA, announce=told.append)
     upgrading_line, upgraded_line = upgrade_lines(old, version, rows="0")
     assert [re.fullmatch(upgrading_line, line) is not None for line in told] == [True]
     assert re.fullmatch(upgraded_line, upgraded)
@@ -312,10 +313,10 @@ class Eager:
 def test_a_long_upgrade_tells_its_progress(tmp_path, monkeypatch):
     database = tmp_path / "old.db"
     first_layout_database(database, ODD_DAYS)
-    monkeypatch.setattr(fleetmon, "UPGRADE_PROGRESS_SECONDS", 0)  # a word at every call of the handler
+    monkeypatch.setattr(upgrades, "UPGRADE_PROGRESS_SECONDS", 0)  # a word at every call of the handler
     told = []
     with closing(fleetmon.connect(database)) as db:
-        fleetmon.upgrade(Eager(db), database, SCHEMA, announce=told.append)
+        upgrades.upgrade(Eager(db), database, SCHEMA, announce=told.append)
     assert len(told) > 1 and set(told[1:]) == {"fleetmon: still upgrading, 0 s so far"}
 
 
@@ -352,7 +353,7 @@ def test_an_upgrade_needing_more_room_than_the_disk_has_is_refused_before_it_beg
     database = tmp_path / "old.db"
     first_layout_database(database, ODD_DAYS)
     before = everything_in(database)
-    monkeypatch.setattr(fleetmon.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=0))
+    monkeypatch.setattr(upgrades.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=0))
     with pytest.raises(StartupError) as refused:
         create_app(database=database)
     assert re.fullmatch(rf"upgrading database {re.escape(str(database))} from schema version 0 needs about \d+ MiB "
