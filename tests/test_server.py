@@ -208,6 +208,18 @@ def test_a_server_that_cannot_be_made_closes_its_listening_socket():
     assert listener.fileno() == -1
 
 
+def test_a_server_that_cannot_be_made_stops_the_workers_it_started(monkeypatch):
+    def failing(*args, **kwargs):
+        raise OSError("out of file descriptors")
+
+    monkeypatch.setattr(connections.FleetmonServer, "__init__", failing)
+    listener = fleetmon.listen("127.0.0.1", 0)
+    with pytest.raises(OSError):
+        connections.create_server(Flask(__name__), listener)
+    assert listener.fileno() == -1
+    assert [thread.name for thread in threading.enumerate() if thread.name.startswith("waitress")] == []
+
+
 # --- Connection slots ---------------------------------------------------------------------
 
 BIG_RESPONSE_BYTES = 12 * 1024 * 1024  # more than socket buffers hold, less than waitress's high watermark
