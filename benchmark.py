@@ -163,30 +163,11 @@ TAB_SETS = ((), ("/", "/", "/?q=cam-0", "/?q=cam-042"), ("/?q=cam-",) * 4)
 TAB_PAUSE_SECONDS = 0.5
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,*/*;q=0.8"
 # Section 11: the first layout (schema version 0), a row per online minute and per upload,
-# as the first fleetmon made it; its triggers are made once the rows are in, for the
-# upgrade drops them by name.
-FIRST_LAYOUT_TABLES = """
-CREATE TABLE heartbeat_minutes (device_id TEXT NOT NULL, minute INTEGER NOT NULL, PRIMARY KEY (device_id, minute))
-WITHOUT ROWID;
-CREATE TABLE uploads (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, sent_at TEXT NOT NULL,
-                      upload_time_ns INTEGER NOT NULL CHECK (upload_time_ns >= 0));
-CREATE TABLE listed_devices (device_id TEXT PRIMARY KEY) WITHOUT ROWID;
-CREATE TABLE device_stats (device_id TEXT PRIMARY KEY, online_minutes INTEGER NOT NULL DEFAULT 0,
-                           first_minute INTEGER, last_minute INTEGER, upload_count INTEGER NOT NULL DEFAULT 0,
-                           upload_total_ns INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
-"""
-FIRST_LAYOUT_TRIGGERS = """
-CREATE TRIGGER count_online_minute AFTER INSERT ON heartbeat_minutes BEGIN
-    UPDATE device_stats SET online_minutes = online_minutes + 1,
-                            first_minute = min(coalesce(first_minute, NEW.minute), NEW.minute),
-                            last_minute = max(coalesce(last_minute, NEW.minute), NEW.minute)
-    WHERE device_id = NEW.device_id;
-END;
-CREATE TRIGGER add_upload AFTER INSERT ON uploads BEGIN
-    UPDATE device_stats SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + NEW.upload_time_ns
-    WHERE device_id = NEW.device_id;
-END;
-"""
+# as the first fleetmon made it. Its triggers are made once the rows are in: the upgrade
+# drops them by name.
+FIRST_LAYOUT = upgrades.split_statements((upgrades.MIGRATIONS / "0.sql").read_text(encoding="utf-8"))
+FIRST_LAYOUT_TABLES = [statement for statement in FIRST_LAYOUT if "CREATE TRIGGER" not in statement]
+FIRST_LAYOUT_TRIGGERS = [statement for statement in FIRST_LAYOUT if "CREATE TRIGGER" in statement]
 # One device in so many has sent nothing: no stats, before and after.
 SILENT_EVERY = 100
 # How often the upgrade's child process has its files and the disk looked at.
@@ -1057,7 +1038,7 @@ def build_first_layout(database: Path, device_ids: list[str], days: int) -> tupl
     arguments = {"first": FIRST_MINUTE, "minutes": days * HEARTBEATS_PER_DAY, "uploads": days * UPLOADS_A_DAY,
                  "every": MISSED_EVERY, "silent": SILENT_EVERY}
     with bulk_load(database) as db:
-        for statement in upgrades.split_statements(FIRST_LAYOUT_TABLES):
+        for statement in FIRST_LAYOUT_TABLES:
             db.execute(statement)
         # Numbered in id order, the heartbeats' key order: each goes in at the end, and the
         # pages fill, where a file that took them a minute at a time has them part full.
@@ -1087,7 +1068,7 @@ def build_first_layout(database: Path, device_ids: list[str], days: int) -> tupl
             "            FROM heartbeat_minutes GROUP BY device_id) USING (device_id)"
             " LEFT JOIN (SELECT device_id, count(*) AS sent, sum(upload_time_ns) AS total"
             "            FROM uploads GROUP BY device_id) USING (device_id)")
-        for statement in upgrades.split_statements(FIRST_LAYOUT_TRIGGERS):
+        for statement in FIRST_LAYOUT_TRIGGERS:
             db.execute(statement)
     return heartbeats, uploads
 

@@ -126,35 +126,15 @@ def test_the_write_ahead_log_is_cut_back_after_a_checkpoint(tmp_path, monkeypatc
 
 # --- Upgrading a database written by an earlier fleetmon ----------------------------------
 
-# The layout of every fleetmon before schema versions (user_version 0): a row per online
-# minute and per upload, each with the text id, the aggregates kept by triggers.
-FIRST_LAYOUT = """
-PRAGMA journal_mode = WAL;
-CREATE TABLE heartbeat_minutes (device_id TEXT NOT NULL, minute INTEGER NOT NULL,
-                                PRIMARY KEY (device_id, minute)) WITHOUT ROWID;
-CREATE TABLE uploads (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, sent_at TEXT NOT NULL,
-                      upload_time_ns INTEGER NOT NULL CHECK (upload_time_ns >= 0));
-CREATE TABLE listed_devices (device_id TEXT PRIMARY KEY) WITHOUT ROWID;
-CREATE TABLE device_stats (device_id TEXT PRIMARY KEY, online_minutes INTEGER NOT NULL DEFAULT 0,
-                           first_minute INTEGER, last_minute INTEGER, upload_count INTEGER NOT NULL DEFAULT 0,
-                           upload_total_ns INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
-CREATE TRIGGER count_online_minute AFTER INSERT ON heartbeat_minutes BEGIN
-    UPDATE device_stats SET online_minutes = online_minutes + 1,
-        first_minute = min(coalesce(first_minute, NEW.minute), NEW.minute),
-        last_minute = max(coalesce(last_minute, NEW.minute), NEW.minute)
-    WHERE device_id = NEW.device_id;
-END;
-CREATE TRIGGER add_upload AFTER INSERT ON uploads BEGIN
-    UPDATE device_stats SET upload_count = upload_count + 1, upload_total_ns = upload_total_ns + NEW.upload_time_ns
-    WHERE device_id = NEW.device_id;
-END;
-"""
+# The layout of every fleetmon before schema versions (user_version 0).
+FIRST_LAYOUT = (upgrades.MIGRATIONS / "0.sql").read_text(encoding="utf-8")
 
 
 def first_layout_database(path, days):
     """A database as the first layout's fleetmon left it, holding days {device: [(path, body)]};
     the stats it gave."""
     with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("PRAGMA journal_mode = WAL")
         db.executescript(FIRST_LAYOUT)
         db.execute("BEGIN")  # one commit for all: a day's rows, each committed, take seconds of fsync
         db.executemany("INSERT INTO device_stats (device_id) VALUES (?)", ((d,) for d in PUBLISHED_DAYS))
