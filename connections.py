@@ -167,7 +167,8 @@ class Lanes:
     """waitress's task dispatcher, as two: one for the contract's requests and one for the
     rest, each with its own workers. A page of a large fleet takes tens of milliseconds;
     with one queue for both, the heartbeats behind the pages of four open tabs waited for
-    them (benchmark.py, section 10: p99 128 ms; in lanes, 40 ms, the GIL still shared)."""
+    them (benchmark.py, section 10, side by side in one spell: p99 128 ms in one queue,
+    40 ms in lanes; the lanes still share the GIL)."""
 
     def __init__(self, threads: int):
         self.contract, self.rest = ThreadedTaskDispatcher(), ThreadedTaskDispatcher()

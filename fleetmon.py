@@ -545,7 +545,8 @@ def _parse_int(digits: str) -> int:
     return int(digits)
 
 
-# One for every body: json.loads, given these, makes a decoder on each call.
+# One for every body: json.loads, given these, makes a decoder on each call, 16,000
+# instructions of a heartbeat (callgrind).
 BODY_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_int=_parse_int)
 
 
