@@ -237,6 +237,21 @@ def test_the_fleet_page_comes_50_rows_a_page_and_filters_by_id(tmp_path):
         assert client.get("/?q=" + "x" * 201, headers=HTML).get_json() == {"msg": "q must be at most 200 characters"}
 
 
+def test_the_fleet_page_gives_way_to_the_devices_before_it_reads_and_before_each_row(tmp_path):
+    """Served by waitress, a page waits at each of these steps while a device's request is
+    being served (connections.Lanes.give_way)."""
+    devices = devices_file(tmp_path, *(f"cam-{n:03d}" for n in range(60)))
+    with open_app(tmp_path / "fleet.db", devices) as app:
+        client = app.test_client()
+        steps = []
+        app.extensions["connections.give_way"] = lambda: steps.append("gave way")
+        assert len(listed_ids(fleet_page(client))) == 50
+        assert len(steps) == 1 + 50
+        steps.clear()
+        assert len(listed_ids(fleet_page(client, "?q=cam-05"))) == 10
+        assert len(steps) == 1 + 10
+
+
 def test_a_filters_matches_come_down_first_then_up_then_never_heard_each_by_id(tmp_path, monkeypatch):
     wall = WallClock(monkeypatch)
     fleet_ids = [f"cam-{n}" for n in range(1, 10)] + ["dog-1"]

@@ -151,6 +151,26 @@ def test_a_device_is_answered_while_a_page_is_still_being_made(app):
     assert stored_minutes(app) == [fleetmon.utc_minute(SENT_AT)]
 
 
+def test_a_devices_request_is_served_holding_the_lock_that_pages_give_way_to(app):
+    """A page's Python, beside a device's request, would hold up the devices' worker at
+    each step of it: so the device's request is served holding a lock, which the pages
+    wait on (connections.Lanes.give_way), and a page's own request is not."""
+    held_while_served = {}
+
+    def record(what):
+        held_while_served[what] = server.task_dispatcher.serving_devices.locked()
+        return "the page"
+
+    app.add_url_rule("/some-page", view_func=lambda: record("a page"))
+    app.extensions["fleetmon.heard"].append(lambda device_id, heard_at_ms: record("a heartbeat"))
+    with running(fleetmon_server(app)) as server, \
+            closing(HTTPConnection("127.0.0.1", server.effective_port, timeout=10)) as client:
+        assert app.extensions["connections.give_way"] == server.task_dispatcher.give_way
+        assert http_request(client, "GET", "/some-page") == (200, b"the page")
+        assert http_request(client, "POST", *heartbeat(SENT_AT)) == (204, b"")
+    assert held_while_served == {"a page": False, "a heartbeat": True}
+
+
 def test_the_devices_requests_are_told_apart_by_their_path(app):
     """The devices' lane serves the contract's three endpoints, the api blueprint's, and
     no other route."""
