@@ -189,9 +189,9 @@ class Lanes:
     The lanes still share the GIL, which the devices' worker asks for at each step of a
     request, and waits up to the switch interval for beside a page's Python. So a page
     gives way to a device's request being served (give_way). At 100,000 devices, with
-    the machine's other core kept busy, heartbeats at 500/s had p99 29-37 ms beside four
-    tabs reloading the page and 38-66 ms beside four filtered to the whole fleet; with
-    the pages giving way, 21 ms and 14-30 ms (two runs each, alternating)."""
+    the machine's other core kept busy, heartbeats at 500/s had p99 23-37 ms beside four
+    tabs reloading the page and 29-66 ms beside four filtered to the whole fleet; with
+    the pages giving way, 19-22 ms and 15-30 ms (four runs of each, alternating)."""
 
     def __init__(self, threads: int):
         self.contract, self.rest = ThreadedTaskDispatcher(), ThreadedTaskDispatcher()
