@@ -197,9 +197,10 @@ def init_app(app: Flask) -> None:
 
     app.extensions["fleet.matching"] = matching
     app.register_blueprint(fleet)
-    # Jinja compiles a template when it is first rendered: the first fleet page after a
-    # start, at 100,000 devices, took 34-68 ms that way, and 25-32 ms compiled here.
-    for template in ("fleet.html", "device.html"):
+    # Jinja compiles a template, and the one it extends, when it is first rendered: the
+    # first fleet page after a start, at 100,000 devices, took 34-68 ms that way, and
+    # 14-23 ms with them compiled here.
+    for template in ("base.html", "fleet.html", "device.html"):
         app.jinja_env.get_template(template)
 
 
