@@ -94,6 +94,14 @@ def outage_view(started: int, ended: int | None) -> dict:
             "seconds": None if ended is None else max(0, ended - started) / 1000}
 
 
+def give_way_to_devices() -> None:
+    """Wait while a device's request is being served, if waitress serves this app: a
+    page's Python would hold up the devices' worker (connections.Lanes)."""
+    give_way = current_app.extensions.get("connections.give_way")
+    if give_way is not None:
+        give_way()
+
+
 def listed_page(endpoint: str, condition: str = "true", **arguments) -> tuple[list[sqlite3.Row], str | None]:
     """A page of the listed devices that meet condition, in id order from the request's
     `after`, `limit` of them; and the URL of endpoint for the next page, if there is one."""
@@ -115,7 +123,11 @@ def list_devices():
     if status is not None and status not in STATUSES:
         abort(400, "status must be up, down or never")
     rows, next_url = listed_page(".list_devices", STATUSES[status] if status else "true", status=status)
-    return {"devices": [device_view(row) for row in rows], "next": next_url}
+    devices = []
+    for row in rows:
+        give_way_to_devices()  # a list of 1,000 took 16-28 ms
+        devices.append(device_view(row))
+    return {"devices": devices, "next": next_url}
 
 
 @fleet.get("/api/v1/devices/<device_id>")
@@ -264,14 +276,6 @@ def walk_by_concern(db: sqlite3.Connection, offset: int, devices: int) -> list[s
     rows = db.execute(f"SELECT * FROM devices INDEXED BY devices_by_concern WHERE listed"
                       f" ORDER BY {BACKWARDS} LIMIT ? OFFSET ?", (FLEET_PAGE_ROWS + min(0, after), max(0, after))).fetchall()
     return rows[::-1]
-
-
-def give_way_to_devices() -> None:
-    """Wait while a device's request is being served, if waitress serves this app: a
-    page's Python would hold up the devices' worker (connections.Lanes)."""
-    give_way = current_app.extensions.get("connections.give_way")
-    if give_way is not None:
-        give_way()
 
 
 def fleet_page(text: str, page: int) -> str:

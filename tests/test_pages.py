@@ -237,9 +237,9 @@ def test_the_fleet_page_comes_50_rows_a_page_and_filters_by_id(tmp_path):
         assert client.get("/?q=" + "x" * 201, headers=HTML).get_json() == {"msg": "q must be at most 200 characters"}
 
 
-def test_the_fleet_page_gives_way_to_the_devices_before_it_reads_and_before_each_row(tmp_path):
-    """Served by waitress, a page waits at each of these steps while a device's request is
-    being served (connections.Lanes.give_way)."""
+def test_the_fleet_page_and_list_give_way_to_the_devices_before_each_row(tmp_path):
+    """Served by waitress, they wait at each of these steps while a device's request is
+    being served (connections.Lanes.give_way): the page before it reads too."""
     devices = devices_file(tmp_path, *(f"cam-{n:03d}" for n in range(60)))
     with open_app(tmp_path / "fleet.db", devices) as app:
         client = app.test_client()
@@ -250,6 +250,9 @@ def test_the_fleet_page_gives_way_to_the_devices_before_it_reads_and_before_each
         steps.clear()
         assert len(listed_ids(fleet_page(client, "?q=cam-05"))) == 10
         assert len(steps) == 1 + 10
+        steps.clear()
+        assert len(client.get("/api/v1/devices?limit=20").get_json()["devices"]) == 20
+        assert len(steps) == 20
 
 
 def test_a_filters_matches_come_down_first_then_up_then_never_heard_each_by_id(tmp_path, monkeypatch):
