@@ -152,9 +152,9 @@ SILENT_SECONDS = 2.0
 DOWN_AFTER_SECONDS = 3
 SIGNAL_WAIT_SECONDS = 15
 # Section 10: a fleet of cameras, its mix, the heartbeats a second beside the tabs, and
-# the tabs: each reloads its page this long after the last one came. Twice: four tabs of
-# the plain page, then four filtered by what every camera's id contains, the most a
-# filter can match.
+# the tabs: each reloads its page this long after the last one came. The heartbeats
+# alone, then beside four tabs of the plain page, then beside four filtered by what
+# every camera's id contains, the most a filter can match.
 NEVER_HEARD_SHARE = 0.03
 DOWN_SHARE = 0.02
 PAGE_HEARTBEAT_RATE = 500

@@ -168,8 +168,11 @@ def is_contract_request(path: str) -> bool:
 class DeviceTask:
     """A device's request, to be served holding the lock that pages give way to."""
 
-    def __init__(self, channel: HTTPChannel, serving: threading.Lock):
+    def __init__(self, channel: HTTPChannel, serving: threading.RLock):
         self.channel, self.serving = channel, serving
+
+    def __repr__(self) -> str:  # waitress logs a task that fails by it
+        return repr(self.channel)
 
     def service(self) -> None:
         with self.serving:
@@ -183,21 +186,25 @@ class Lanes:
     """waitress's task dispatcher, as two: one for the contract's requests and one for the
     rest, each with its own workers. A page of a large fleet takes tens of milliseconds;
     with one queue for both, the heartbeats behind the pages of four open tabs waited for
-    them (benchmark.py, section 10, side by side in one spell: p99 128 ms in one queue,
-    40 ms in lanes).
+    them (benchmark.py, section 10, two tabs plain and two filtered, side by side in one
+    spell: p99 128 ms in one queue, 40 ms in lanes).
 
-    The lanes still share the GIL, which the devices' worker asks for at each step of a
-    request, and waits up to the switch interval for beside a page's Python. So a page
-    gives way to a device's request being served (give_way). At 100,000 devices, with
-    the machine's other core kept busy, heartbeats at 500/s had p99 23-37 ms beside four
-    tabs reloading the page and 29-66 ms beside four filtered to the whole fleet; with
-    the pages giving way, 19-22 ms and 15-30 ms (four runs of each, alternating)."""
+    The lanes still share the GIL. At each step of a request the devices' worker needs
+    it back, and beside a page's Python it waits up to the switch interval for it. So a
+    page gives way to a device's request being served (give_way). At 100,000 devices,
+    with a busy loop on the machine's other core, heartbeats at 500/s had p99 23-37 ms
+    beside four tabs reloading the page and 29-66 ms beside four filtered to the whole
+    fleet; with the pages giving way, 19-22 ms and 15-30 ms (four runs of each,
+    alternating)."""
 
     def __init__(self, threads: int):
         self.contract, self.rest = ThreadedTaskDispatcher(), ThreadedTaskDispatcher()
         self.contract.set_thread_count(threads)
         self.rest.set_thread_count(threads)
-        self.serving_devices = threading.Lock()  # held while a device's request is served
+        # Held while a device's request is served, so the devices' requests are served one
+        # at a time, whatever the threads. Reentrant: a device's request that gave way
+        # would wait for itself.
+        self.serving_devices = threading.RLock()
 
     def give_way(self) -> None:
         """Wait while a device's request is being served: what a page calls between its
@@ -287,7 +294,8 @@ class FleetmonServer(TcpWSGIServer):
 
 def create_server(app: Flask, listener: socket.socket, **settings) -> FleetmonServer:
     """A waitress server for app on a listening socket, with SETTINGS (and these) and
-    fleetmon's channel. Closes listener if it cannot be made."""
+    fleetmon's channel, its Lanes' give_way in app.extensions["connections.give_way"].
+    Closes listener if it cannot be made."""
     # With one worker a lane, requests queue by design; waitress would warn of every queue.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:

@@ -3,7 +3,8 @@ for a browser (the fleet, a page per device), on the same URLs, by what the clie
 
 A page has a worker of its own, beside the devices' (connections.Lanes), but shares the
 GIL and the disk with them, so a page reads along indexes, its cost must not grow with
-the fleet, and it gives way to a device's request between its rows.
+the fleet, and it gives way to a device's request between its rows, as the devices'
+list does.
 """
 
 import functools
@@ -96,7 +97,9 @@ def outage_view(started: int, ended: int | None) -> dict:
 
 def give_way_to_devices() -> None:
     """Wait while a device's request is being served, if waitress serves this app: a
-    page's Python would hold up the devices' worker (connections.Lanes)."""
+    page's Python would hold up the devices' worker (connections.Lanes). That wait is
+    the device request's whole time, SQLite's for its write lock included. Called with
+    no statement of the page's still being read."""
     give_way = current_app.extensions.get("connections.give_way")
     if give_way is not None:
         give_way()
@@ -209,11 +212,6 @@ def init_app(app: Flask) -> None:
 
     app.extensions["fleet.matching"] = matching
     app.register_blueprint(fleet)
-    # Jinja compiles a template, and the one it extends, when it is first rendered: the
-    # first fleet page after a start, at 100,000 devices, took 34-68 ms that way, and
-    # 14-23 ms with them compiled here.
-    for template in ("base.html", "fleet.html", "device.html"):
-        app.jinja_env.get_template(template)
 
 
 def read_fleet_page(db: sqlite3.Connection, text: str, page: int) -> tuple[dict, int, int, list[sqlite3.Row]]:

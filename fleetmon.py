@@ -743,6 +743,11 @@ def serve(app: Flask, listener: socket.socket, announce=print) -> None:
             announce(line)
         announce(f"fleetmon: listening on {url}/api/v1 (fleet page {url}/, docs {url}/docs/)")
         listening = True
+        # Jinja compiles a template, and the one it extends, when a page first needs it:
+        # the first fleet page after a start, at 100,000 devices, took 34-68 ms that way,
+        # and 14-23 ms with them compiled here.
+        for template in app.jinja_env.list_templates():
+            app.jinja_env.get_template(template)
         # What the start built lives as long as the server, the devices' ids above all: out
         # of the garbage collector's sight, a full collection at 100,000 devices holds the
         # workers up for 0.01 ms rather than 14 ms.

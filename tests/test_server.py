@@ -157,8 +157,16 @@ def test_a_devices_request_is_served_holding_the_lock_that_pages_give_way_to(app
     wait on (connections.Lanes.give_way), and a page's own request is not."""
     held_while_served = {}
 
+    def taken_at_once(lock):
+        if lock.acquire(blocking=False):
+            lock.release()
+            return True
+        return False
+
     def record(what):
-        held_while_served[what] = server.task_dispatcher.serving_devices.locked()
+        with ThreadPoolExecutor(1) as pages_worker:
+            held_while_served[what] = not pages_worker.submit(taken_at_once, server.task_dispatcher.serving_devices).result()
+        app.extensions["connections.give_way"]()  # a device's request does not wait for itself
         return "the page"
 
     app.add_url_rule("/some-page", view_func=lambda: record("a page"))
@@ -169,6 +177,24 @@ def test_a_devices_request_is_served_holding_the_lock_that_pages_give_way_to(app
         assert http_request(client, "GET", "/some-page") == (200, b"the page")
         assert http_request(client, "POST", *heartbeat(SENT_AT)) == (204, b"")
     assert held_while_served == {"a page": False, "a heartbeat": True}
+
+
+def test_giving_way_is_waiting_for_the_lock_a_devices_request_is_served_holding():
+    lanes = connections.Lanes(0)  # no worker: only the lock is wanted
+
+    class Recorded:
+        def __init__(self):
+            self.steps = []
+
+        def __enter__(self):
+            self.steps.append("taken")
+
+        def __exit__(self, *error):
+            self.steps.append("let go")
+
+    lanes.serving_devices = Recorded()
+    lanes.give_way()
+    assert lanes.serving_devices.steps == ["taken", "let go"]
 
 
 def test_the_devices_requests_are_told_apart_by_their_path(app):
@@ -409,6 +435,7 @@ def test_a_pipelined_request_gets_its_time_from_when_the_server_reads_it(small_a
         on_loop(server, lambda: server.maintenance(began + REQUEST_SECONDS + 5))
         small_app.config["RELEASE"].set()
         wait_until(server, lambda: not channel_of(server, client).requests, "the first request answered")
+        # Just within the limit, as in the test above.
         on_loop(server, lambda: server.maintenance(began + REQUEST_SECONDS + 5 + REQUEST_SECONDS - 0.01))
         assert on_loop(server, lambda: channel_of(server, client).readable()), "timed from when it began"
         client.sendall(b"st: fleetmon\r\nConnection: close\r\n\r\n")
