@@ -192,10 +192,13 @@ class Lanes:
     The lanes still share the GIL. At each step of a request the devices' worker needs
     it back, and beside a page's Python it waits up to the switch interval for it. So a
     page gives way to a device's request being served (give_way). At 100,000 devices,
-    with a busy loop on the machine's other core, heartbeats at 500/s had p99 23-37 ms
-    beside four tabs reloading the page and 29-66 ms beside four filtered to the whole
-    fleet; with the pages giving way, 19-22 ms and 15-30 ms (four runs of each,
-    alternating)."""
+    with a busy loop on the machine's other core, four runs of each, alternating:
+    - heartbeats at 500/s beside four tabs reloading the page had p99 21-37 ms before,
+      and 19-29 ms with the pages giving way; beside four tabs filtered to the whole
+      fleet, 23-36 ms and 20-34 ms;
+    - before, Python's switch interval was set to 1 ms, for 42-51 ms against 57-76 ms
+      at its own 5 ms. With the pages giving way, 5 ms does better: 24-31 ms and
+      23-32 ms against 20-61 ms and 29-113 ms at 1 ms, so it is left as it is."""
 
     def __init__(self, threads: int):
         self.contract, self.rest = ThreadedTaskDispatcher(), ThreadedTaskDispatcher()

@@ -753,12 +753,6 @@ def serve(app: Flask, listener: socket.socket, announce=print) -> None:
         # workers up for 0.01 ms rather than 14 ms.
         gc.freeze()
         running.callback(gc.unfreeze)
-        # A page of a large fleet is tens of milliseconds of Python, in its own lane. Each
-        # time the devices' lane asks for the GIL beside it, it waits up to the switch
-        # interval: at Python's 5 ms, heartbeats beside four open tabs at 100,000 devices
-        # had p99 57-76 ms; at 1 ms, 42-51 ms (benchmark.py, section 10).
-        running.callback(sys.setswitchinterval, sys.getswitchinterval())
-        sys.setswitchinterval(0.001)
         server.run()  # until Ctrl+C, which it catches
 
 
