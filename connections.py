@@ -196,9 +196,8 @@ class Lanes:
     - heartbeats at 500/s beside four tabs reloading the page had p99 21-37 ms before,
       and 19-29 ms with the pages giving way; beside four tabs filtered to the whole
       fleet, 23-36 ms and 20-34 ms;
-    - before, Python's switch interval was set to 1 ms, for 42-51 ms against 57-76 ms
-      at its own 5 ms. With the pages giving way, 5 ms does better: 24-31 ms and
-      23-32 ms against 20-61 ms and 29-113 ms at 1 ms, so it is left as it is."""
+    - Python's switch interval is left at its own 5 ms: with the pages giving way, a
+      shorter 1 ms gave 20-61 ms and 29-113 ms, against 24-31 ms and 23-32 ms."""
 
     def __init__(self, threads: int):
         self.contract, self.rest = ThreadedTaskDispatcher(), ThreadedTaskDispatcher()
